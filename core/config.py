@@ -1,0 +1,175 @@
+"""Frozen, validated settings for every engine job.
+
+Each field carries UI hints in ``metadata`` (label, min, max, step, tooltip) so the
+studio can build forms without ``core`` knowing Qt. ``to_dict``/``from_dict`` give
+the JSON stored in a quantized folder. Invalid values raise ``ValueError`` with a
+message a user can act on (never ``assert``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+METHODS = ("squeezellm", "rtn", "rtn-g128")
+SUPPORTED_BITS = (2, 3, 4)
+
+
+def _hint(label: str, tooltip: str, **kw: Any) -> dict[str, Any]:
+    return {"label": label, "tooltip": tooltip, **kw}
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, fix: str) -> None:
+    if not (lo <= value <= hi):
+        raise ValueError(f"{name} = {value} is out of range [{lo}, {hi}]: {fix}")
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """How dense-and-sparse chooses the outliers of each matrix.
+
+    Give at most one of ``range_multiplier`` (the original's ``--range``: outliers are
+    beyond Q1 - r*IQR / Q3 + r*IQR of each matrix) and ``percent`` (the share of all
+    weights to treat as outliers; the engine solves for the multiplier). Neither means
+    no outliers.
+    """
+
+    range_multiplier: float | None = field(default=None, metadata=_hint(
+        "Outlier range (x IQR)", "Weights further than this many interquartile ranges "
+        "outside the middle half of their matrix are kept exactly in the sparse part.",
+        min=0.5, max=100.0, step=0.1))
+    percent: float | None = field(default=0.45, metadata=_hint(
+        "Outlier target (%)", "Share of all weights kept exactly as outliers; the "
+        "range multiplier is solved to hit it.", min=0.0, max=10.0, step=0.05))
+
+    def __post_init__(self) -> None:
+        if self.range_multiplier is not None and self.percent is not None:
+            raise ValueError("give either an outlier range multiplier or an outlier percentage, not both")
+        if self.range_multiplier is not None:
+            _check_range("outlier range", self.range_multiplier, 0.0, 1e6,
+                         "use a positive IQR multiplier such as 1.8")
+            if self.range_multiplier <= 0:
+                raise ValueError("outlier range must be positive: use a multiplier such as 1.8")
+        if self.percent is not None:
+            _check_range("outlier percent", self.percent, 0.0, 10.0,
+                         "use a percentage such as 0.45 (it is in percent)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.range_multiplier is not None or bool(self.percent)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how."""
+
+    bits: int = field(default=4, metadata=_hint(
+        "Bits", "Bits per dense weight: 4 keeps quality, 3 is smaller.", choices=(3, 4)))
+    method: str = field(default="squeezellm", metadata=_hint(
+        "Method", "squeezellm: Fisher-weighted non-uniform; rtn / rtn-g128: uniform "
+        "round-to-nearest baselines.", choices=METHODS))
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
+    sensitivity_percent: float = field(default=0.05, metadata=_hint(
+        "Sensitive (%)", "Share of each matrix's weights with the largest Fisher "
+        "information kept exactly in the sparse part.", min=0.0, max=10.0, step=0.01))
+    kmeans_max_iter: int = field(default=50, metadata=_hint(
+        "k-means iterations", "Upper bound of Lloyd iterations per row.", min=1, max=1000))
+    seed: int = field(default=0, metadata=_hint("Seed", "Seed of the k-means++ initialisation.",
+                                                min=0, max=2**31 - 1))
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        _check_range("sensitivity", self.sensitivity_percent, 0.0, 10.0,
+                     "it is in percent, e.g. 0.05 means 0.05%")
+        _check_range("k-means iterations", self.kmeans_max_iter, 1, 1000, "use e.g. 50")
+
+    @property
+    def dense_and_sparse(self) -> bool:
+        return self.method == "squeezellm" and (self.outliers.enabled or self.sensitivity_percent > 0)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration text for the Fisher pass."""
+
+    source: str = field(default="builtin", metadata=_hint(
+        "Calibration text", "'builtin' (Wikipedia excerpt), a UTF-8 text file, or a "
+        "datasets name such as wikitext2 or c4 (needs hub access)."))
+    samples: int = field(default=100, metadata=_hint(
+        "Samples", "Number of calibration windows; more is slower and a little better.",
+        min=1, max=10000))
+    seqlen: int = field(default=512, metadata=_hint(
+        "Sequence length", "Tokens per calibration window.", min=16, max=32768))
+    seed: int = field(default=0, metadata=_hint("Seed", "Seed for drawing the windows.",
+                                                min=0, max=2**31 - 1))
+
+    def __post_init__(self) -> None:
+        _check_range("calibration samples", self.samples, 1, 10000, "use e.g. 100")
+        _check_range("calibration sequence length", self.seqlen, 16, 32768, "use e.g. 512")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity protocol (defaults: ASSETS.md, 40 windows of 512 tokens)."""
+
+    source: str = field(default="builtin", metadata=_hint(
+        "Evaluation text", "'builtin', a UTF-8 text file, or a datasets name."))
+    windows: int = field(default=40, metadata=_hint(
+        "Windows", "Number of non-overlapping evaluation windows.", min=1, max=100000))
+    seqlen: int = field(default=512, metadata=_hint(
+        "Window length", "Tokens per evaluation window.", min=16, max=32768))
+    batch_size: int = field(default=4, metadata=_hint(
+        "Batch size", "Windows evaluated together; lower it if memory runs out.", min=1, max=256))
+
+    def __post_init__(self) -> None:
+        _check_range("evaluation windows", self.windows, 1, 100000, "use e.g. 40")
+        _check_range("evaluation window length", self.seqlen, 16, 32768, "use e.g. 512")
+        _check_range("batch size", self.batch_size, 1, 256, "use e.g. 4")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """Generation settings for chat."""
+
+    system_prompt: str = field(default="", metadata=_hint(
+        "System prompt", "Instructions the model sees before the conversation."))
+    temperature: float = field(default=0.7, metadata=_hint(
+        "Temperature", "0 is greedy (deterministic); higher is more varied.", min=0.0, max=2.0, step=0.05))
+    top_p: float = field(default=0.9, metadata=_hint(
+        "Top-p", "Sample only from the smallest set of tokens whose probability adds up to this.",
+        min=0.01, max=1.0, step=0.01))
+    max_new_tokens: int = field(default=256, metadata=_hint(
+        "Max new tokens", "Longest answer, in tokens.", min=1, max=8192))
+    repetition_penalty: float = field(default=1.1, metadata=_hint(
+        "Repetition penalty", "Above 1 discourages repeating earlier tokens.", min=1.0, max=2.0, step=0.01))
+
+    def __post_init__(self) -> None:
+        _check_range("temperature", self.temperature, 0.0, 2.0, "use 0 for greedy or e.g. 0.7")
+        _check_range("top-p", self.top_p, 0.01, 1.0, "use e.g. 0.9")
+        _check_range("max new tokens", self.max_new_tokens, 1, 8192, "use e.g. 256")
+        _check_range("repetition penalty", self.repetition_penalty, 1.0, 2.0, "use 1.0 to 1.3")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (possibly nested) config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Rebuild a config dataclass from ``to_dict`` output, ignoring unknown keys."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = from_dict(sub, value)  # type: ignore[arg-type]
+        kwargs[f.name] = value
+    return cls(**kwargs)
