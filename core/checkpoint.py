@@ -1,0 +1,189 @@
+"""Quantized model folders: save atomically, load without materialising dense weights.
+
+A folder holds ``config.json`` (the model's config plus a ``quantization_config``
+block: method, bits, sparsity settings, per-module layout, format version), the
+tokenizer files, and ``model.safetensors`` with the packed tensors of every quantized
+module (``<name>.qweight``, ``.lookup_table``, ``.sparse_rows/cols/vals``, ``.bias``)
+and every other tensor of the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+
+import torch
+
+from core.errors import UserError
+from core.layers import SqueezeLinear
+from core.progress import ProgressEvent
+
+QUANT_METHOD = "squeezellm"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def module_layout(model: torch.nn.Module) -> dict[str, dict]:
+    """name -> how to rebuild each quantized module (type and sizes), in module order."""
+    layout = {}
+    for name, module in model.named_modules():
+        describe = getattr(module, "layout", None)
+        if callable(describe):
+            layout[name] = describe()
+    return layout
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by ``save_quantized``."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        block = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return block.get("quant_method") == QUANT_METHOD
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without aliases (tied embeddings), contiguous and on the CPU."""
+    seen: set[int] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else -id(tensor)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        state[key] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike, settings: dict, *,
+                   overwrite: bool = False) -> Generator[ProgressEvent, None, Path]:
+    """Write a quantized model folder; nothing appears at ``output`` until it is complete.
+
+    settings: JSON-ready quantization settings (QuantConfig dict, calibration, report numbers).
+    """
+    from safetensors.torch import save_file
+
+    output = Path(output).expanduser().resolve()
+    _check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        yield ProgressEvent("save", 0, 3, "saving: tensors")
+        save_file(_unique_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")
+        config = model.config.to_dict()
+        config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                         **settings, "modules": module_layout(model)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        yield ProgressEvent("save", 2, 3, "saving: moving into place")
+        _move_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    yield ProgressEvent("save", 3, 3, f"saved {output}")
+    return output
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file: choose a folder name for the quantized model")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"output folder {output} already exists and is not empty: "
+                        "choose another folder or allow overwriting (--overwrite)")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write into {parent}: choose an output folder you can write to")
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_quantization_config(folder: str | os.PathLike) -> dict:
+    """The ``quantization_config`` block of a quantized folder (UserError if it is not one)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json: give a folder written by 'squeeze quantize'")
+    try:
+        block = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except ValueError as exc:
+        raise UserError(f"{folder}/config.json is not valid JSON ({exc}): re-run 'squeeze quantize'") from exc
+    if block.get("quant_method") != QUANT_METHOD:
+        raise UserError(f"{folder} is not a SqueezeLLM quantized folder: quantize it with 'squeeze quantize'")
+    if int(block.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{folder} was written by a newer Squeeze Studio (format "
+                        f"{block.get('format_version')}): upgrade squeeze-studio to load it")
+    return block
+
+
+def build_quantized_module(info: dict) -> torch.nn.Module:
+    """An empty module (meta tensors) of the type and sizes ``info`` (from ``layout()``) describes."""
+    kind = info.get("type", "squeeze")
+    if kind == "squeeze":
+        return SqueezeLinear.from_layout(info)
+    if kind == "group":
+        from core.baselines import GroupQuantLinear
+
+        return GroupQuantLinear.from_layout(info)
+    raise UserError(f"unknown quantized layer type {kind!r}: upgrade squeeze-studio to load this folder")
+
+
+def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
+    """Load a quantized folder as a working transformers model with quantized modules.
+
+    Dense weights of the quantized layers are never materialised. Returns core.models.LoadedModel.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from core.models import LoadedModel
+
+    folder = Path(folder).expanduser()
+    block = read_quantization_config(folder)
+    try:
+        state = load_file(folder / WEIGHTS_FILE, device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{folder / WEIGHTS_FILE} is missing or corrupt ({exc}): quantize the model again") from exc
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next((t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, info in block.get("modules", {}).items():
+        model.set_submodule(name, build_quantized_module(info))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _check_complete(model, folder, result.unexpected_keys)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model, tokenizer, str(folder), folder.name, quantized=True)
+
+
+def _check_complete(model: torch.nn.Module, folder: Path, unexpected: list[str]) -> None:
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{folder / WEIGHTS_FILE} does not match its config.json ({detail}): "
+                        "the folder is corrupt or was edited; quantize the model again")

@@ -1,0 +1,144 @@
+"""The ``squeeze`` command line: the same engine calls as the studio.
+
+Bad input prints one line on stderr and exits with code 2; Ctrl-C cancels cleanly
+(exit 130) and leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import TypeVar
+
+from core.progress import ProgressEvent
+
+T = TypeVar("T")
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
+    """Run a progress generator with one tqdm bar per stage; Ctrl-C closes it (its cleanup runs)."""
+    from tqdm import tqdm
+
+    bar, stage = None, None
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if quiet:
+                continue
+            if event.stage != stage or bar is None:
+                if bar is not None:
+                    bar.close()
+                stage = event.stage
+                bar = tqdm(total=event.total or None, desc=event.stage, unit="step", dynamic_ncols=True,
+                           file=sys.stderr, leave=True)
+            if event.total and bar.total != event.total:
+                bar.total = event.total
+            bar.n = event.done
+            bar.set_postfix_str(event.message[-60:], refresh=True)
+    except KeyboardInterrupt:
+        gen.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _add_quant_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, choices=(3, 4), help="bits per dense weight (default 4)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--outlier-range", type=float, metavar="R",
+                   help="outliers beyond Q1-R*IQR / Q3+R*IQR of each matrix (the original's --range)")
+    g.add_argument("--outlier-percent", type=float, metavar="P",
+                   help="percent of all weights kept as outliers (default 0.45; 0 for dense-only)")
+    p.add_argument("--sensitivity", type=float, default=0.05, metavar="S",
+                   help="percent of each matrix's most sensitive weights kept exactly (default 0.05)")
+    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "rtn", "rtn-g128"),
+                   help="squeezellm, or a round-to-nearest baseline")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default="builtin", metavar="SOURCE",
+                   help="builtin, a UTF-8 text file, or a datasets name (wikitext2, c4, hf:NAME)")
+    p.add_argument("--samples", type=int, default=100, help="calibration windows (default 100)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+
+
+def quant_config_from(args: argparse.Namespace):
+    from core.config import OutlierConfig, QuantConfig
+
+    if args.outlier_range is not None:
+        outliers = OutlierConfig(range_multiplier=args.outlier_range, percent=None)
+    else:
+        percent = 0.45 if args.outlier_percent is None else args.outlier_percent
+        outliers = OutlierConfig(percent=percent or None)
+    return QuantConfig(bits=args.bits, method=args.method, outliers=outliers,
+                       sensitivity_percent=args.sensitivity)
+
+
+def calibration_from(args: argparse.Namespace):
+    from core.config import CalibrationConfig
+
+    return CalibrationConfig(source=args.calibration, samples=args.samples, seqlen=args.seqlen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.cli_commands import COMMANDS
+
+    parser = argparse.ArgumentParser(prog="squeeze", description="SqueezeLLM dense-and-sparse quantization.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, _run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``squeeze`` console script. Returns the exit code."""
+    from core.cli_commands import COMMANDS
+    from core.errors import UserError
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except KeyboardInterrupt:
+        print("squeeze: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (UserError, ValueError) as exc:
+        print(f"squeeze: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("squeeze: error: out of memory: use fewer samples, shorter windows or a smaller model",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def folder_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The subcommands of ``squeeze``: each is (help, configure(parser), run(args) -> exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from core.cli import (_add_calibration, _add_quant_settings, calibration_from, drive, folder_bytes, format_bytes,
+                      quant_config_from)
+
+
+# ---- quantize ---------------------------------------------------------------------------------------
+
+def _configure_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="demo, an HF folder, a .gguf file or a hub name")
+    _add_quant_settings(p)
+    _add_calibration(p)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--output", "-o", required=True, type=Path, help="folder to write the quantized model to")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from core.pipeline import QuantizeJob, run_quantize_job
+
+    job = QuantizeJob(model=args.model, output=args.output, config=quant_config_from(args),
+                      calibration=calibration_from(args), device=args.device, overwrite=args.overwrite)
+    report = drive(run_quantize_job(job), args.quiet)
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    print(f"wrote {args.output}: {report.bits_per_weight:.3f} bits per weight, "
+          f"{report.sparse_percent:.3f}% sparse, quantized layers {format_bytes(report.quantized_bytes)}, "
+          f"folder {format_bytes(folder_bytes(args.output))} ({steps})")
+    return 0
+
+
+# ---- inspect ----------------------------------------------------------------------------------------
+
+def _configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="demo, an HF folder, a .gguf file or a hub name")
+    _add_quant_settings(p)
+    _add_calibration(p)
+    p.add_argument("--fisher", action="store_true",
+                   help="compute the sensitivity if it is not cached (otherwise overlaps are not counted)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from core.models import load_model
+    from core.preview import collect_stats, model_bytes, preview
+    from core.sensitivity import load_cached_fisher, load_or_compute_fisher
+
+    config = quant_config_from(args)
+    loaded = load_model(args.model)
+    calibration = calibration_from(args)
+    fisher = load_cached_fisher(loaded.model, calibration)
+    if fisher is None and args.fisher:
+        fisher = drive(load_or_compute_fisher(loaded.model, loaded.tokenizer, calibration), args.quiet)
+    stats = drive(collect_stats(loaded.model, fisher), args.quiet)
+    q_bytes, o_bytes = model_bytes(loaded.model)
+    result = preview(stats, config, o_bytes, q_bytes + o_bytes)
+    if args.json:
+        print(json.dumps({"range_multiplier": result.range_multiplier, "sparse_percent": result.sparse_percent,
+                          "bits_per_weight": result.bits_per_weight, "total_bytes": result.total_bytes,
+                          "layers": [dict(layer.__dict__, shape=list(layer.shape)) for layer in result.layers]}))
+        return 0
+    print(f"{'layer':<42} {'shape':>11} {'threshold':>10} {'outliers':>9} {'sens.':>6} {'sparse %':>9}")
+    for layer in result.layers:
+        t = f"{layer.threshold:.4f}" if layer.threshold is not None else "-"
+        print(f"{layer.name:<42} {layer.shape[0]:>5}x{layer.shape[1]:<5} {t:>10} {layer.outliers:>9} "
+              f"{layer.sensitive:>6} {100 * layer.sparse / layer.numel:>9.3f}")
+    r = f"{result.range_multiplier:.3f}" if result.range_multiplier is not None else "none"
+    note = "" if fisher is not None else " (sensitivity not computed: overlaps with outliers not counted; --fisher)"
+    print(f"IQR multiplier {r}; outliers {result.outlier_percent:.3f}%, sparse {result.sparse_percent:.3f}%{note}")
+    print(f"{config.bits}-bit: {result.bits_per_weight:.3f} bits per weight; model {format_bytes(result.total_bytes)} "
+          f"(now {format_bytes(result.original_bytes)})")
+    return 0
+
+
+# ---- info -------------------------------------------------------------------------------------------
+
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a folder written by 'squeeze quantize'")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from core.checkpoint import read_quantization_config
+
+    block = read_quantization_config(args.folder)
+    config = block.get("config", {})
+    modules = block.get("modules", {})
+    nnz = sum(m.get("nnz", 0) for m in modules.values())
+    print(f"folder:          {args.folder.resolve()}")
+    print(f"source model:    {block.get('source_model', '?')}")
+    print(f"method:          {config.get('method', '?')}, {config.get('bits', '?')} bits")
+    outliers = config.get("outliers") or {}
+    print(f"outliers:        range x{outliers.get('range_multiplier')} / target {outliers.get('percent')}% "
+          f"(multiplier used {block.get('range_multiplier')})")
+    print(f"sensitivity:     {config.get('sensitivity_percent', 0)}%")
+    print(f"layers:          {len(modules)} quantized, {nnz} sparse values ({block.get('sparse_percent', 0):.3f}%)")
+    print(f"bits per weight: {block.get('bits_per_weight', 0):.3f}")
+    print(f"size on disk:    {format_bytes(folder_bytes(args.folder))}")
+    return 0
+
+
+COMMANDS = {
+    "quantize": ("Quantize a model with SqueezeLLM (or a baseline) into a folder.", _configure_quantize,
+                 _run_quantize),
+    "inspect": ("Per-layer outliers and sensitive counts for a setting, without quantizing.", _configure_inspect,
+                _run_inspect),
+    "info": ("Settings, size and bits per weight of a quantized folder.", _configure_info, _run_info),
+}

@@ -1,0 +1,139 @@
+"""What a quantization setting will do, before anything is quantized.
+
+``collect_stats`` condenses each quantizable matrix once (seconds); ``preview`` then
+answers "how many outliers / sensitive values, what sparse share, how many bits per
+weight, how large a file" for any setting in milliseconds, so the studio's readouts
+follow a slider live and ``squeeze inspect`` prints a table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+
+from core.config import QuantConfig
+from core.outliers import OutlierStats, solve_range_multiplier
+from core.progress import ProgressEvent
+
+LUT_BYTES_PER_ENTRY = 2  # fp16 lookup tables
+SPARSE_BYTES_PER_ENTRY = 8  # fp32 value + int32 column
+
+
+@dataclass(frozen=True)
+class MatrixStats:
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    stats: OutlierStats
+
+
+@dataclass(frozen=True)
+class LayerPreview:
+    name: str
+    shape: tuple[int, int]
+    threshold: float | None
+    outliers: int
+    sensitive: int
+    sparse: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The predicted effect of one QuantConfig on a model."""
+
+    range_multiplier: float | None
+    layers: tuple[LayerPreview, ...]
+    quantized_bytes: int  # packed codes + LUTs + sparse part of the quantizable layers
+    other_bytes: int  # everything else as stored now (embeddings, norms, lm_head)
+    original_bytes: int  # the whole model as loaded
+
+    @property
+    def n_weights(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def sparse_percent(self) -> float:
+        return 100.0 * sum(layer.sparse for layer in self.layers) / max(1, self.n_weights)
+
+    @property
+    def outlier_percent(self) -> float:
+        return 100.0 * sum(layer.outliers for layer in self.layers) / max(1, self.n_weights)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.quantized_bytes / max(1, self.n_weights)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+
+def packed_layer_bytes(out_features: int, in_features: int, bits: int, nnz: int) -> int:
+    """Bytes a SqueezeLinear stores: codes (input padded to 32), fp16 LUT, CSR sparse part."""
+    codes = math.ceil(in_features / 32) * bits * out_features * 4
+    lut = out_features * (1 << bits) * LUT_BYTES_PER_ENTRY
+    sparse = nnz * SPARSE_BYTES_PER_ENTRY + (out_features + 1) * 4
+    return codes + lut + sparse
+
+
+def collect_stats(model: torch.nn.Module, fisher: dict[str, torch.Tensor] | None = None
+                  ) -> Generator[ProgressEvent, None, list[MatrixStats]]:
+    """Condense every quantizable matrix (weights, and Fisher ranking when given)."""
+    from core.models import quantizable_linears
+
+    linears = quantizable_linears(model)
+    result = []
+    for i, (name, lin) in enumerate(linears.items()):
+        f = fisher.get(name) if fisher is not None else None
+        result.append(MatrixStats(name, tuple(lin.weight.shape), OutlierStats.of(lin.weight, f)))
+        yield ProgressEvent("stats", i + 1, len(linears), f"statistics: {name}")
+    return result
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the quantizable linear weights, bytes of everything else) as stored now."""
+    from core.models import quantizable_linears
+
+    quantizable = {id(lin.weight) for lin in quantizable_linears(model).values()}
+    seen: set[int] = set()
+    q_bytes = o_bytes = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        n = tensor.numel() * tensor.element_size()
+        if id(tensor) in quantizable:
+            q_bytes += n
+        else:
+            o_bytes += n
+    return q_bytes, o_bytes
+
+
+def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, original_bytes: int) -> Preview:
+    """The effect of ``config`` (bits, outliers, sensitivity) on the condensed matrices. Fast."""
+    outliers = config.outliers
+    multiplier = None
+    if config.method == "squeezellm" and outliers.enabled:
+        multiplier = outliers.range_multiplier
+        if multiplier is None:
+            multiplier = solve_range_multiplier([m.stats for m in stats], outliers.percent)
+    sensitivity = config.sensitivity_percent if config.method == "squeezellm" else 0.0
+    layers = []
+    total = 0
+    for m in stats:
+        threshold = m.stats.threshold(multiplier) if multiplier is not None else None
+        n_out, n_sens, n_sparse = m.stats.sparse_count(threshold, sensitivity)
+        if not m.stats.abs_by_fisher.numel():  # no Fisher yet: sensitive values counted, overlap unknown
+            from core.outliers import sensitive_count
+
+            n_sens = sensitive_count(m.stats.numel, sensitivity)
+            n_sparse = n_out + n_sens
+        layers.append(LayerPreview(m.name, m.shape, threshold, n_out, n_sens, n_sparse))
+        total += packed_layer_bytes(m.shape[0], m.shape[1], config.bits, n_sparse)
+    return Preview(multiplier, tuple(layers), total, other_bytes, original_bytes)

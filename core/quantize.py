@@ -1,0 +1,171 @@
+"""SqueezeLLM quantization of a whole model: split, weighted k-means, pack.
+
+``quantize_model`` replaces every quantizable ``nn.Linear`` of a model in place by a
+``SqueezeLinear`` and yields progress at least once per matrix, so a consumer can stop
+between matrices. ``quantize_matrix`` is the per-matrix step (SPEC A.4-A.6, H.1-H.4).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from core.config import QuantConfig, to_dict
+from core.kmeans import weighted_kmeans_1d
+from core.layers import SqueezeLinear
+from core.outliers import OutlierStats, iqr_threshold, quartiles, sanitize_fisher, solve_range_multiplier, sparse_mask
+from core.packing import dense_to_csr
+from core.progress import ProgressEvent
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """The parts of one quantized matrix.
+
+    codes: uint8 [out, in]; lookup_table: float16 [out, 2**bits] (sorted per row);
+    sparse: (rows int32 [out+1], cols int32 [nnz], vals float32 [nnz]) residuals so that
+    lookup_table[r, codes[r, j]] + sparse[r, j] == original weight at the sparse positions.
+    """
+
+    codes: torch.Tensor
+    lookup_table: torch.Tensor
+    sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    n_outliers: int
+    n_sparse: int
+    weighted_error: float
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    outliers: int
+    sparse: int
+    weighted_error: float
+    relative_error: float
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What a quantization did; ``bits_per_weight`` counts every stored bit of the quantized layers."""
+
+    config: dict
+    range_multiplier: float | None
+    layers: tuple[LayerReport, ...]
+    n_weights: int
+    quantized_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.quantized_bytes / max(1, self.n_weights)
+
+    @property
+    def sparse_percent(self) -> float:
+        return 100.0 * sum(layer.sparse for layer in self.layers) / max(1, self.n_weights)
+
+
+def quantize_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, bits: int, *,
+                    threshold: float | None = None, sensitivity_percent: float = 0.0,
+                    max_iter: int = 50, seed: int = 0) -> QuantizedMatrix:
+    """Dense-and-sparse non-uniform quantization of one matrix.
+
+    weight: float [out, in] (any float dtype, any device); fisher: float [out, in] or None for
+    unweighted k-means. The dense part is quantized per output row with a Fisher-weighted k-means of
+    2**bits centroids; entries chosen by ``sparse_mask`` are kept exactly as residuals in CSR.
+    """
+    w = weight.detach().float()
+    f = sanitize_fisher(fisher.to(w.device)) if fisher is not None else torch.ones_like(w)
+    mask = sparse_mask(w, f, threshold, sensitivity_percent)
+    n_outliers = int((w.abs() >= threshold).sum()) if threshold is not None else 0
+    dense = w.masked_fill(mask, 0.0)
+    centroids, codes = weighted_kmeans_1d(dense, f.masked_fill(mask, 0.0), 1 << bits,
+                                          max_iter=max_iter, seed=seed)
+    lookup_table = centroids.to(torch.float16)
+    decoded = lookup_table.float().gather(1, codes.long())
+    residual = torch.where(mask, w - decoded, torch.zeros_like(w))
+    rows, cols, vals = dense_to_csr(residual, mask)
+    error = w - (decoded + residual)
+    weighted_error = float((f.double() * error.double().square()).sum())
+    relative_error = float(error.norm() / w.norm().clamp_min(1e-30))
+    return QuantizedMatrix(codes.cpu(), lookup_table.cpu(), (rows.cpu(), cols.cpu(), vals.cpu()),
+                           n_outliers, int(mask.sum()), weighted_error, relative_error)
+
+
+def outlier_thresholds(linears: dict[str, torch.nn.Linear], config: QuantConfig
+                       ) -> Generator[ProgressEvent, None, tuple[dict[str, float | None], float | None]]:
+    """Per-matrix outlier thresholds for the config, and the IQR multiplier used (None: no outliers).
+
+    With a target percentage the multiplier is solved over the whole model (SPEC H.3).
+    """
+    outliers = config.outliers
+    if not outliers.enabled or config.method != "squeezellm":
+        return {name: None for name in linears}, None
+    n = len(linears)
+    quarts: dict[str, tuple[float, float]] = {}
+    stats: list[OutlierStats] = []
+    for i, (name, lin) in enumerate(linears.items()):
+        if outliers.range_multiplier is not None:
+            quarts[name] = quartiles(lin.weight)
+        else:
+            s = OutlierStats.of(lin.weight)
+            stats.append(s)
+            quarts[name] = (s.q1, s.q3)
+        yield ProgressEvent("outliers", i + 1, n, f"outlier statistics: {name}")
+    r = outliers.range_multiplier
+    if r is None:
+        r = solve_range_multiplier(stats, outliers.percent)
+    return {name: iqr_threshold(q1, q3, r) for name, (q1, q3) in quarts.items()}, r
+
+
+def quantize_model(model: torch.nn.Module, config: QuantConfig,
+                   fisher: dict[str, torch.Tensor] | None = None, *,
+                   device: str | torch.device | None = None) -> Generator[ProgressEvent, None, QuantReport]:
+    """Replace every quantizable linear of ``model`` by a ``SqueezeLinear``, in place.
+
+    fisher: name -> float32 [out, in] (from ``load_or_compute_fisher``); None gives unweighted k-means.
+    device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
+    """
+    from core.models import quantizable_linears
+
+    linears = quantizable_linears(model)
+    if config.method != "squeezellm":
+        from core.baselines import quantize_rtn
+
+        yield from quantize_rtn(model, config.bits, 128 if config.method == "rtn-g128" else None)
+        return _report(model, config, None, [], {})
+    t0 = time.perf_counter()
+    thresholds, multiplier = yield from outlier_thresholds(linears, config)
+    seconds = {"outliers": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    layers: list[LayerReport] = []
+    n = len(linears)
+    for i, (name, lin) in enumerate(linears.items()):
+        target = torch.device(device) if device is not None else lin.weight.device
+        f = fisher.get(name) if fisher is not None else None
+        q = quantize_matrix(lin.weight.to(target), f.to(target) if f is not None else None, config.bits,
+                            threshold=thresholds[name], sensitivity_percent=config.sensitivity_percent,
+                            max_iter=config.kmeans_max_iter, seed=config.seed)
+        bias = lin.bias.detach() if lin.bias is not None else None
+        module = SqueezeLinear.from_parts(q.codes, q.lookup_table, config.bits, sparse=q.sparse, bias=bias)
+        model.set_submodule(name, module.to(lin.weight.device))
+        layers.append(LayerReport(name, tuple(lin.weight.shape), config.bits, q.n_outliers, q.n_sparse,
+                                  q.weighted_error, q.relative_error))
+        yield ProgressEvent("quantize", i + 1, n, f"quantized {name} ({q.n_sparse} sparse)")
+    seconds["quantize"] = time.perf_counter() - t0
+    return _report(model, config, multiplier, layers, seconds)
+
+
+def _report(model: torch.nn.Module, config: QuantConfig, multiplier: float | None,
+            layers: list[LayerReport], seconds: dict[str, float]) -> QuantReport:
+    n_weights, n_bytes = 0, 0
+    for module in model.modules():
+        if hasattr(module, "storage_bytes") and hasattr(module, "in_features"):
+            n_weights += module.in_features * module.out_features
+            n_bytes += module.storage_bytes()
+    return QuantReport(to_dict(config), multiplier, tuple(layers), n_weights, n_bytes, seconds)
