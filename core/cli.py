@@ -89,12 +89,19 @@ def calibration_from(args: argparse.Namespace):
     return CalibrationConfig(source=args.calibration, samples=args.samples, seqlen=args.seqlen)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes print one line (the problem and where to look), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from core.cli_commands import COMMANDS
 
-    parser = argparse.ArgumentParser(prog="squeeze", description="SqueezeLLM dense-and-sparse quantization.")
+    parser = _OneLineParser(prog="squeeze", description="SqueezeLLM dense-and-sparse quantization.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser)
     for name, (help_text, configure, _run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         configure(p)
