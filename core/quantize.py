@@ -72,29 +72,48 @@ class QuantReport:
 
 def quantize_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, bits: int, *,
                     threshold: float | None = None, sensitivity_percent: float = 0.0,
-                    max_iter: int = 50, seed: int = 0) -> QuantizedMatrix:
+                    max_iter: int = 50, seed: int = 0, timings: dict[str, float] | None = None) -> QuantizedMatrix:
     """Dense-and-sparse non-uniform quantization of one matrix.
 
     weight: float [out, in] (any float dtype, any device); fisher: float [out, in] or None for
     unweighted k-means. The dense part is quantized per output row with a Fisher-weighted k-means of
     2**bits centroids; entries chosen by ``sparse_mask`` are kept exactly as residuals in CSR.
+    timings: if given, seconds spent in "split" and "kmeans" are added to it.
     """
+    clock = _Stopwatch(timings)
     w = weight.detach().float()
     f = sanitize_fisher(fisher.to(w.device)) if fisher is not None else torch.ones_like(w)
     mask = sparse_mask(w, f, threshold, sensitivity_percent)
     n_outliers = int((w.abs() >= threshold).sum()) if threshold is not None else 0
     dense = w.masked_fill(mask, 0.0)
+    clock.lap("split")
     centroids, codes = weighted_kmeans_1d(dense, f.masked_fill(mask, 0.0), 1 << bits,
                                           max_iter=max_iter, seed=seed)
+    clock.lap("kmeans")
     lookup_table = centroids.to(torch.float16)
     decoded = lookup_table.float().gather(1, codes.long())
     residual = torch.where(mask, w - decoded, torch.zeros_like(w))
     rows, cols, vals = dense_to_csr(residual, mask)
+    clock.lap("split")
     error = w - (decoded + residual)
     weighted_error = float((f.double() * error.double().square()).sum())
     relative_error = float(error.norm() / w.norm().clamp_min(1e-30))
     return QuantizedMatrix(codes.cpu(), lookup_table.cpu(), (rows.cpu(), cols.cpu(), vals.cpu()),
                            n_outliers, int(mask.sum()), weighted_error, relative_error)
+
+
+class _Stopwatch:
+    """Adds the seconds since the last lap to a named bucket (no-op without a dict)."""
+
+    def __init__(self, totals: dict[str, float] | None):
+        self.totals = totals
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.totals is not None:
+            now = time.perf_counter()
+            self.totals[name] = self.totals.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 def outlier_thresholds(linears: dict[str, torch.nn.Linear], config: QuantConfig
@@ -142,7 +161,6 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
     t0 = time.perf_counter()
     thresholds, multiplier = yield from outlier_thresholds(linears, config)
     seconds = {"outliers": time.perf_counter() - t0}
-    t0 = time.perf_counter()
     layers: list[LayerReport] = []
     n = len(linears)
     for i, (name, lin) in enumerate(linears.items()):
@@ -150,14 +168,15 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
         f = fisher.get(name) if fisher is not None else None
         q = quantize_matrix(lin.weight.to(target), f.to(target) if f is not None else None, config.bits,
                             threshold=thresholds[name], sensitivity_percent=config.sensitivity_percent,
-                            max_iter=config.kmeans_max_iter, seed=config.seed)
+                            max_iter=config.kmeans_max_iter, seed=config.seed, timings=seconds)
+        clock = _Stopwatch(seconds)
         bias = lin.bias.detach() if lin.bias is not None else None
         module = SqueezeLinear.from_parts(q.codes, q.lookup_table, config.bits, sparse=q.sparse, bias=bias)
         model.set_submodule(name, module.to(lin.weight.device))
+        clock.lap("packing")
         layers.append(LayerReport(name, tuple(lin.weight.shape), config.bits, q.n_outliers, q.n_sparse,
                                   q.weighted_error, q.relative_error))
         yield ProgressEvent("quantize", i + 1, n, f"quantized {name} ({q.n_sparse} sparse)")
-    seconds["quantize"] = time.perf_counter() - t0
     return _report(model, config, multiplier, layers, seconds)
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks; each writes its section of BENCHMARKS.md (see bench/report.py)."""
