@@ -1,0 +1,82 @@
+"""LUT matmul: ``y = x @ (LUT[codes] + sparse)^T + bias``, and its plain-torch reference.
+
+The torch functions here are the oracle that compiled kernels (``cuda_ext``, a CPU kernel) are
+tested against. ``lut_matmul`` picks an implementation in one place, ``_backend()``; today that
+is always the torch reference, which dequantizes to float32 and calls ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.packing import csr_row_indices, unpack_codes_transposed
+
+
+def _backend(device: torch.device) -> str:
+    """Which implementation ``lut_matmul`` uses for tensors on ``device``.
+
+    Only "torch" exists for now; compiled kernels will be chosen here (after their
+    ``is_available()``), with the torch reference as the fallback.
+    """
+    return "torch"
+
+
+def _has_sparse(sparse_vals: torch.Tensor | None) -> bool:
+    return sparse_vals is not None and sparse_vals.numel() > 0
+
+
+def dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,
+               sparse_rows: torch.Tensor | None = None, sparse_cols: torch.Tensor | None = None,
+               sparse_vals: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight float32 [out, in_features]: ``W[r, j] = lookup_table[r, code[r, j]] + S[r, j]``.
+
+    qweight int32 [ceil(in/32)*bits, out] (core.packing layout); lookup_table float16/32/bf16
+    [out, 2**bits]; optional CSR residual S: sparse_rows int32 [out+1], sparse_cols int32 [nnz],
+    sparse_vals float32 [nnz] (nnz may be 0). The sum is taken in float32.
+    """
+    return dequantize_transposed(qweight, lookup_table, bits, in_features,
+                                 sparse_rows, sparse_cols, sparse_vals).t().contiguous()
+
+
+def dequantize_transposed(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,
+                          sparse_rows: torch.Tensor | None = None, sparse_cols: torch.Tensor | None = None,
+                          sparse_vals: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize(...)`` transposed, float32 [in_features, out], built in qweight's own layout."""
+    codes = unpack_codes_transposed(qweight, bits, in_features)  # int32 [in, out]
+    out_features = qweight.shape[1]
+    lut_t = lookup_table.to(torch.float32).t().contiguous()  # [2**bits, out]
+    # W^T[j, n] = lut_t[code, n]: one flat 1-D lookup, much faster on the CPU than gather().
+    flat_index = codes * out_features + torch.arange(out_features, dtype=torch.int32, device=codes.device)
+    weight_t = lut_t.view(-1).index_select(0, flat_index.view(-1)).view(in_features, out_features)
+    if _has_sparse(sparse_vals):
+        index = (sparse_cols.to(torch.int64), csr_row_indices(sparse_rows, sparse_vals.numel()))
+        weight_t.index_put_(index, sparse_vals.to(torch.float32), accumulate=True)
+    return weight_t
+
+
+def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int,
+               in_features: int, sparse_rows: torch.Tensor | None = None,
+               sparse_cols: torch.Tensor | None = None, sparse_vals: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in_features] (any float dtype) -> [..., out] in x's dtype, computed in float32.
+
+    Weight arguments as in ``dequantize``; bias [out] of any float dtype, or None.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features but the layer expects {in_features}")
+    backend = _backend(x.device)
+    if backend == "torch":
+        return _lut_matmul_torch(x, qweight, lookup_table, bits, in_features,
+                                 sparse_rows, sparse_cols, sparse_vals, bias)
+    raise RuntimeError(f"unknown lut_matmul backend {backend!r}")
+
+
+def _lut_matmul_torch(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
+                      sparse_vals, bias) -> torch.Tensor:
+    """Reference: dequantize the whole weight to float32, then one float32 GEMM."""
+    weight_t = dequantize_transposed(qweight, lookup_table, bits, in_features,
+                                     sparse_rows, sparse_cols, sparse_vals)
+    bias32 = bias.to(torch.float32) if bias is not None else None
+    # F.linear multiplies by weight^T; passing the transposed view lets BLAS read weight_t as is.
+    return F.linear(x.to(torch.float32), weight_t.t(), bias32).to(x.dtype)
