@@ -1,0 +1,30 @@
+"""Numbers as people read them: 135.5 M parameters, 257.3 MB."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def megabytes(n: float | None) -> float | None:
+    return None if n is None else n / 2**20
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for value, suffix in ((1e9, " B"), (1e6, " M"), (1e3, " k")):
+        if abs(n) >= value:
+            return f"{n / value:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f} %"

@@ -1,0 +1,193 @@
+"""The studio's long jobs: core generators chained into what one button does. No Qt here.
+
+Each job yields ``ProgressEvent``s (chat jobs also yield text pieces) and returns its result; the
+JobRunner runs it in a worker thread. Stage names match the progress panels' bars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import CalibrationConfig, ChatConfig, EvalConfig
+from core.models import LoadedModel
+from core.pipeline import QuantizeJob
+from core.progress import ProgressEvent
+
+LOAD_STAGES = {"load": 1.0}
+ANALYSE_STAGES = {"stats": 1.0}
+SENSITIVITY_STAGES = {"fisher": 0.75, "stats": 0.25}
+QUANTIZE_STAGES = {"load": 0.05, "fisher": 0.35, "outliers": 0.1, "quantize": 0.42, "save": 0.04, "reload": 0.04}
+EVALUATE_STAGES = {"eval": 1.0}
+
+
+def load_job(spec: str) -> Generator[ProgressEvent, None, tuple]:
+    """Load ``spec`` and describe it; returns (LoadedModel, ModelInfo)."""
+    from core.models import load_model
+    from studio.model_info import describe
+
+    yield ProgressEvent("load", 0, 0, f"loading {spec} (converting the demo takes ~1 min the first time)…")
+    loaded = load_model(spec)
+    yield ProgressEvent("load", 1, 2, f"reading the layers of {loaded.name}")
+    info = describe(loaded)
+    yield ProgressEvent("load", 2, 2, f"loaded {loaded.name}")
+    return loaded, info
+
+
+def analyse_job(loaded: LoadedModel, fisher: dict | None) -> Generator[ProgressEvent, None, list]:
+    """Per-matrix statistics for the live previews (list[core.preview.MatrixStats])."""
+    from core.preview import collect_stats
+
+    return (yield from collect_stats(loaded.model, fisher))
+
+
+def sensitivity_job(loaded: LoadedModel, calibration: CalibrationConfig) -> Generator[ProgressEvent, None, tuple]:
+    """The Fisher sensitivity (cached on disk) and statistics that include it; returns (fisher, stats)."""
+    from core.preview import collect_stats
+    from core.sensitivity import load_or_compute_fisher
+
+    fisher = yield from load_or_compute_fisher(loaded.model, loaded.tokenizer, calibration)
+    stats = yield from collect_stats(loaded.model, fisher)
+    return fisher, stats
+
+
+@dataclass(frozen=True)
+class QuantizeOutcome:
+    report: object  # core.quantize.QuantReport
+    loaded: LoadedModel  # the saved folder, loaded back
+    seconds: float
+
+
+def quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantizeOutcome]:
+    """Quantize into ``job.output`` (the pipeline loads its own copy, so the session's original stays
+    intact), then load the saved folder back for evaluation and chat."""
+    from core.models import load_model
+    from core.pipeline import run_quantize_job
+
+    t0 = time.perf_counter()
+    report = yield from run_quantize_job(job, loaded=None)
+    yield ProgressEvent("reload", 0, 1, f"loading the result from {job.output}")
+    loaded = load_model(str(job.output))
+    yield ProgressEvent("reload", 1, 1, "ready")
+    return QuantizeOutcome(report, loaded, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model to evaluate: its label, the loaded model, where it lives, what it was quantized with."""
+
+    label: str
+    loaded: LoadedModel
+    path: str | None
+    settings: dict
+
+
+def evaluate_job(targets: list[EvalTarget], config: EvalConfig) -> Generator[ProgressEvent, None, list[dict]]:
+    """Perplexity of each target on the same windows; returns one runs-table row (dict) per target."""
+    from core.data import corpus_tokens, evaluation_windows
+    from core.evaluate import model_size_report, perplexity, size_on_disk
+
+    yield ProgressEvent("eval", 0, 0, f"tokenizing {config.source}")
+    tokens = corpus_tokens(targets[0].loaded.tokenizer, config.source)
+    windows = evaluation_windows(tokens, config.windows, config.seqlen)
+    rows = []
+    for index, target in enumerate(targets):
+        events = perplexity(target.loaded.model, windows, batch_size=config.batch_size)
+        result = yield from _renamed(events, f"[{index + 1}/{len(targets)}] {target.label}")
+        size = model_size_report(target.loaded.model)
+        rows.append(run_row(target, config, result, size.total_bytes, size.bits_per_weight,
+                            size_on_disk(target.path) if target.path else None))
+    return rows
+
+
+def _renamed(gen: Generator, prefix: str) -> Generator:
+    """Re-yield ``gen``'s events with ``prefix`` in front of each message; returns its result."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield dataclasses.replace(event, message=f"{prefix}: {event.message}")
+
+
+def run_row(target: EvalTarget, config: EvalConfig, result, memory_bytes: int, bits_per_weight: float,
+            disk_bytes: int | None) -> dict:
+    """One row of the runs table (JSON-ready)."""
+    settings = target.settings or {}
+    quant = settings.get("config") or {}
+    outliers = quant.get("outliers") or {}
+    return {
+        "id": f"{time.time_ns():x}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "label": target.label,
+        "path": target.path,
+        "bits": quant.get("bits"),
+        "method": quant.get("method"),
+        "outliers": (f"{outliers['percent']}%" if outliers.get("percent") is not None else
+                     f"r={outliers['range_multiplier']}" if outliers.get("range_multiplier") is not None else
+                     ("none" if quant else None)),
+        "sensitivity": quant.get("sensitivity_percent"),
+        "size_bytes": disk_bytes if disk_bytes is not None else memory_bytes,
+        "bits_per_weight": bits_per_weight,
+        "perplexity": result.perplexity,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": result.seconds,
+        "corpus": config.source,
+        "windows": config.windows,
+        "seqlen": config.seqlen,
+    }
+
+
+# ------------------------------------------------------------ chat
+
+
+@dataclass(frozen=True)
+class ChatPiece:
+    """A piece of streamed reply text for one side ("left" or "right")."""
+
+    side: str
+    text: str
+
+
+def chat_job(sides: dict[str, tuple[LoadedModel, object]], user_text: str, config: ChatConfig,
+             should_stop: Callable[[], bool], seed: int | None = None) -> Generator[ChatPiece, None, dict]:
+    """Stream the reply of one or two models to the same message, interleaved token by token.
+
+    sides: side -> (loaded model, its core.chat.ChatSession). Returns side -> (ChatStats, seconds spent
+    on that side alone), so tokens per second are fair even though both share one thread.
+    """
+    from core.chat import stream_reply
+
+    streams = {side: stream_reply(loaded.model, loaded.tokenizer, chat, user_text, config, stop=should_stop,
+                                  seed=seed) for side, (loaded, chat) in sides.items()}
+    busy = {side: 0.0 for side in streams}
+    results: dict[str, tuple] = {}
+    try:
+        while len(results) < len(streams):
+            for side, stream in streams.items():
+                if side in results:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    piece = next(stream)
+                except StopIteration as stop:
+                    results[side] = (stop.value, busy[side] + time.perf_counter() - t0)
+                    continue
+                busy[side] += time.perf_counter() - t0
+                yield ChatPiece(side, piece)
+    finally:
+        for stream in streams.values():
+            stream.close()  # a stopped reply still enters the history (core.chat does it on close)
+    return results
+
+
+def default_output(info_name: str, bits: int, base: Path) -> Path:
+    """A fresh folder name for a result: <base>/<model>-sq<bits>[-2, -3...]."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in info_name) + f"-sq{bits}"
+    candidate, n = base / stem, 2
+    while candidate.exists():
+        candidate, n = base / f"{stem}-{n}", n + 1
+    return candidate

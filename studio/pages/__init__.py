@@ -1,0 +1,1 @@
+"""One page per task: model, inspect, quantize, evaluate, chat."""

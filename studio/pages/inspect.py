@@ -1,0 +1,315 @@
+"""Inspect page: where a model's outliers and sensitive weights are, and what a setting would cost."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QFormLayout, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QSplitter,
+                               QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+
+from core.models import block_index, short_module_name
+from studio.format import human_bytes
+from studio.jobs import ANALYSE_STAGES, SENSITIVITY_STAGES, analyse_job, sensitivity_job
+from studio.model_info import dense_weight, matrices, quantized_modules
+from studio.pages.base import Page, caption, group
+from studio.plots.histogram import HistogramPlot, log_histogram, value_histogram
+from studio.plots.layers import LayerBars, LayerHeatMap
+from studio.previewer import Previewer
+from studio.widgets.progress_panel import JobProgressPanel
+from studio.widgets.quant_controls import QuantControls
+
+ANALYSE_TITLE = "Analysing the weights"
+SENSITIVITY_TITLE = "Computing sensitivity"
+READOUTS = (("sparse", "Kept exactly (sparse part)"), ("bits", "Average bits per weight"),
+            ("file", "File size"), ("memory", "Memory when loaded"), ("range", "Outlier range used"))
+READOUT_TIPS = {"sparse": "Share of the quantizable weights stored exactly: outliers plus sensitive values.",
+                "bits": "Every stored bit of the quantized layers (codes, lookup tables, sparse part) per weight.",
+                "file": "Estimated size of the quantized folder, next to the original weight files.",
+                "memory": "Estimated memory of the quantized model, next to the model as loaded now.",
+                "range": "The IQR multiplier r behind the thresholds ±T (solved when you give a target share)."}
+
+
+class InspectPage(Page):
+    title = "Inspect"
+    description = ("Quantization stores each weight as one of a few values (8 at 3 bits, 16 at 4 bits). A few "
+                   "weights matter much more than the rest: *outliers* (unusually large) and *sensitive* ones "
+                   "(changing them hurts the model most, measured on sample text). SqueezeLLM keeps those "
+                   "exactly in a small sparse part. Pick a matrix, move the settings, and watch the cost.")
+
+    def __init__(self, session, runner, parent: QWidget | None = None) -> None:
+        super().__init__(session, runner, parent)
+        self.previewer = Previewer(session, runner, self)
+        self._auto_analysed = None
+        self.matrix_tree = QTreeWidget()
+        self.matrix_tree.setHeaderLabel("Matrices (block → module)")
+        self.analyse_status = caption("Open a model on the Model page first.")
+        self.analyse_button = QPushButton("Analyse weights")
+        self.analyse_button.setToolTip("Condense every matrix once so that the readouts follow the controls live")
+        self.controls = QuantControls(sliders=True)
+        self.readouts = {key: QLabel("–") for key, _ in READOUTS}
+        self.samples_spin = QSpinBox()
+        self.samples_spin.setRange(1, 10000)
+        self.samples_spin.setToolTip("Calibration windows of sample text used to measure sensitivity; "
+                                     "more is slower and a little better (shared with the Quantize page).")
+        self.compute_button = QPushButton("Compute sensitivity")
+        self.compute_button.setToolTip("Measure how much each weight matters (squared gradients on sample text). "
+                                       "The result is cached on disk and reused.")
+        self.sensitivity_panel = JobProgressPanel(runner, {"fisher": "Sensitivity"}, show_log=False)
+        self.weight_hist = HistogramPlot("Weights of the selected matrix", "weight value")
+        self.fisher_hist = HistogramPlot("Sensitivity of the selected matrix", "log10(Fisher information)")
+        self.centroid_row_spin = QSpinBox()
+        self.centroid_row_spin.setToolTip("Each row of a quantized matrix has its own lookup table: "
+                                          "the triangles are the values row r may use")
+        self.centroid_note = QLabel("")
+        self.layer_bars = LayerBars()
+        self.heatmap = LayerHeatMap()
+        self._layout()
+        self._connect()
+        self.update_actions()
+
+    def _layout(self) -> None:
+        left = QWidget()
+        column = QVBoxLayout(left)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(self.matrix_tree, 1)
+        column.addWidget(self.analyse_status)
+        column.addWidget(self.analyse_button)
+        readouts = QWidget()
+        form = QFormLayout(readouts)
+        for key, label in READOUTS:
+            name = QLabel(label)
+            for widget in (name, self.readouts[key]):
+                widget.setToolTip(READOUT_TIPS[key])
+            self.readouts[key].setObjectName("readout")
+            form.addRow(name, self.readouts[key])
+        sensitivity = QWidget()
+        sens_layout = QVBoxLayout(sensitivity)
+        sens_layout.setContentsMargins(0, 0, 0, 0)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Samples"))
+        row.addWidget(self.samples_spin)
+        row.addWidget(self.compute_button, 1)
+        sens_layout.addLayout(row)
+        sens_layout.addWidget(self.sensitivity_panel)
+        top = QHBoxLayout()
+        top.addWidget(group("Setting", self.controls), 3)
+        top.addWidget(group("What it costs (whole model)", readouts), 3)
+        top.addWidget(group("Sensitivity", sensitivity), 2)
+        centroids = QHBoxLayout()
+        centroids.addWidget(self.centroid_note, 1)
+        centroids.addWidget(QLabel("LUT row"))
+        centroids.addWidget(self.centroid_row_spin)
+        weights = QWidget()
+        weights_layout = QVBoxLayout(weights)
+        weights_layout.setContentsMargins(0, 0, 0, 0)
+        weights_layout.addWidget(self.weight_hist, 1)
+        weights_layout.addLayout(centroids)
+        plots = QGridLayout()
+        plots.addWidget(weights, 0, 0)
+        plots.addWidget(self.fisher_hist, 0, 1)
+        plots.addWidget(self.layer_bars, 1, 0)
+        plots.addWidget(self.heatmap, 1, 1)
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(0, 0, 0, 0)
+        right_layout.addLayout(top)
+        right_layout.addLayout(plots, 1)
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(right)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([240, 1000])
+        self.outer.addWidget(splitter, 1)
+
+    def _connect(self) -> None:
+        session = self.session
+        self.controls.changed.connect(lambda: session.set_quant_config(self.controls.value()))
+        session.quant_config_changed.connect(self._show_config)
+        session.calibration_changed.connect(self._show_calibration)
+        session.model_changed.connect(self._on_model_changed)
+        session.stats_changed.connect(self._on_stats_changed)
+        session.fisher_changed.connect(self._show_matrix)
+        session.results_changed.connect(self._show_matrix)
+        self.samples_spin.valueChanged.connect(lambda n: session.update_calibration(samples=n))
+        self.previewer.ready.connect(self._show_preview)
+        self.previewer.cleared.connect(self._clear_preview)
+        self.matrix_tree.currentItemChanged.connect(lambda *_: self._show_matrix())
+        self.centroid_row_spin.valueChanged.connect(lambda _row: self._show_matrix())
+        self.heatmap.matrix_clicked.connect(self.select_matrix)
+        self.analyse_button.clicked.connect(self.analyse)
+        # the first visit analyses the model once the loading job has ended
+        self.runner.busy_changed.connect(lambda busy: None if busy or not self.isVisible() else self.page_shown())
+        self.compute_button.clicked.connect(self.compute_sensitivity)
+        self._show_config()
+        self._show_calibration()
+
+    # ------------------------------------------------------------ jobs
+
+    def analyse(self) -> bool:
+        """Condense every matrix (a job) so that previews can run; automatic on the first visit."""
+        model = self.session.model
+        if model is None or model.quantized:
+            return False
+        return self.runner.run(ANALYSE_TITLE, lambda: analyse_job(model, self.session.fisher),
+                               on_result=lambda stats: self._analysed(model, stats), stages=ANALYSE_STAGES)
+
+    def _analysed(self, model, stats: list) -> None:
+        if model is self.session.model:
+            self.session.set_stats(stats)
+
+    def compute_sensitivity(self) -> bool:
+        model, calibration = self.session.model, self.session.calibration
+        if model is None or model.quantized:
+            return False
+        self.sensitivity_panel.watch(SENSITIVITY_TITLE)
+        return self.runner.run(SENSITIVITY_TITLE, lambda: sensitivity_job(model, calibration),
+                               on_result=lambda result: self._sensitivity_ready(model, calibration, result),
+                               stages=SENSITIVITY_STAGES)
+
+    def _sensitivity_ready(self, model, calibration, result: tuple) -> None:
+        if model is self.session.model:
+            fisher, stats = result
+            self.session.set_fisher(fisher, calibration, stats)
+
+    def page_shown(self) -> None:
+        """Analyse a new model automatically, once (a cancelled or failed analysis is not retried)."""
+        model = self.session.model
+        if self.session.has_dense_model and self.session.stats is None and not self.runner.busy \
+                and self._auto_analysed is not model:
+            self._auto_analysed = model
+            self.analyse()
+
+    # ------------------------------------------------------------ model and matrix
+
+    def _on_model_changed(self) -> None:
+        self.matrix_tree.clear()
+        loaded = self.session.model
+        if loaded is not None:
+            blocks: dict[int, QTreeWidgetItem] = {}
+            for name in matrices(loaded):
+                index = block_index(name)
+                if index not in blocks:
+                    blocks[index] = QTreeWidgetItem(self.matrix_tree, [f"Block {index}"])
+                child = QTreeWidgetItem(blocks[index], [short_module_name(name)])
+                child.setData(0, Qt.ItemDataRole.UserRole, name)
+                child.setToolTip(0, name)
+            if blocks:
+                first = blocks[min(blocks)]
+                first.setExpanded(True)
+                self.matrix_tree.setCurrentItem(first.child(0))
+        self._on_stats_changed()
+        if self.isVisible():
+            self.page_shown()
+
+    def selected_matrix(self) -> str | None:
+        item = self.matrix_tree.currentItem()
+        return item.data(0, Qt.ItemDataRole.UserRole) if item is not None else None
+
+    def select_matrix(self, name: str) -> None:
+        for item in self.matrix_tree.findItems("*", Qt.MatchFlag.MatchWildcard | Qt.MatchFlag.MatchRecursive):
+            if item.data(0, Qt.ItemDataRole.UserRole) == name:
+                self.matrix_tree.setCurrentItem(item)
+                return
+
+    def _show_matrix(self) -> None:
+        """Histograms of the selected matrix (measured: < 30 ms for the demo's largest, so inline)."""
+        name, loaded = self.selected_matrix(), self.session.model
+        if name is None or loaded is None:
+            self.weight_hist.clear_data("Pick a matrix on the left")
+            self.fisher_hist.clear_data("")
+            return
+        module = matrices(loaded)[name]
+        self.weight_hist.set_histogram(*value_histogram(dense_weight(module)))
+        self._show_threshold()
+        self._show_centroids(name)
+        fisher = (self.session.fisher or {}).get(name)
+        if fisher is None:
+            self.fisher_hist.clear_data("Press 'Compute sensitivity' to see which weights matter most")
+        else:
+            counts, edges, zeros = log_histogram(fisher)
+            self.fisher_hist.set_histogram(counts, edges)
+            self.fisher_hist.setTitle(f"Sensitivity of the selected matrix ({zeros:,} entries are exactly 0)"
+                                      if zeros else "Sensitivity of the selected matrix")
+        self.layer_bars.select(name)
+
+    def _show_threshold(self) -> None:
+        preview, name = self.previewer.latest, self.selected_matrix()
+        layer = next((l for l in preview.layers if l.name == name), None) if preview is not None else None
+        self.weight_hist.set_thresholds(layer.threshold if layer is not None else None)
+
+    def _show_centroids(self, name: str) -> None:
+        source = self.session.model if self.session.model.quantized else None
+        if source is None and self.session.latest_result is not None:
+            source = self.session.latest_result.loaded
+        module = quantized_modules(source.model).get(name) if source is not None else None
+        table = getattr(module, "lookup_table", None)
+        visible = table is not None
+        for widget in (self.centroid_row_spin, self.centroid_note):
+            widget.setVisible(visible)
+        if not visible:
+            self.weight_hist.set_markers(None)
+            return
+        self.centroid_row_spin.setMaximum(table.shape[0] - 1)
+        row = self.centroid_row_spin.value()
+        self.centroid_note.setText(f"▲ the {table.shape[1]} values row {row} of {source.name} may use")
+        self.weight_hist.set_markers(table[row].float().cpu().numpy())
+
+    # ------------------------------------------------------------ settings and readouts
+
+    def _show_config(self) -> None:
+        if self.controls.value() != self.session.quant_config:
+            self.controls.set_value(self.session.quant_config)
+
+    def _show_calibration(self) -> None:
+        self.samples_spin.blockSignals(True)
+        self.samples_spin.setValue(self.session.calibration.samples)
+        self.samples_spin.blockSignals(False)
+
+    def _on_stats_changed(self) -> None:
+        session = self.session
+        if session.model is None:
+            self.analyse_status.setText("Open a model on the Model page first.")
+        elif session.model.quantized:
+            self.analyse_status.setText("This model is already quantized: the histograms show its effective "
+                                        "weights. Open the original to tune a setting.")
+        elif session.stats is None:
+            self.analyse_status.setText("The readouts need one pass over every matrix (press Analyse).")
+        else:
+            with_fisher = " with sensitivity" if session.fisher is not None else ""
+            self.analyse_status.setText(f"{len(session.stats)} matrices analysed{with_fisher}.")
+        if session.stats is None:
+            self._clear_preview()
+        self.update_actions()
+
+    def _clear_preview(self) -> None:
+        for label in self.readouts.values():
+            label.setText("–")
+        self.layer_bars.set_layers([], np.zeros(0), np.zeros(0))
+        self.weight_hist.set_thresholds(None)
+
+    def _show_preview(self, preview) -> None:
+        info = self.session.info
+        file_original = info.file_bytes or info.memory_bytes
+        self.readouts["sparse"].setText(f"{preview.sparse_percent:.2f} % of the weights "
+                                        f"({preview.outlier_percent:.2f} % outliers)")
+        self.readouts["bits"].setText(f"{preview.bits_per_weight:.2f} bits (original "
+                                      f"{8 * info.quantizable_bytes / max(1, preview.n_weights):.0f})")
+        self.readouts["file"].setText(f"{human_bytes(preview.total_bytes)}  (original {human_bytes(file_original)})")
+        self.readouts["memory"].setText(f"{human_bytes(preview.total_bytes)}  (now {human_bytes(info.memory_bytes)})")
+        self.readouts["range"].setText("no outliers" if preview.range_multiplier is None else
+                                       f"r = {preview.range_multiplier:.2f} × IQR")
+        names = [layer.name for layer in preview.layers]
+        outliers = np.array([100.0 * l.outliers / max(1, l.numel) for l in preview.layers])
+        sensitive = np.array([100.0 * l.sensitive / max(1, l.numel) for l in preview.layers])
+        self.layer_bars.set_layers(names, outliers, sensitive)
+        self.layer_bars.select(self.selected_matrix())
+        self.heatmap.set_layers(names, outliers)
+        self._show_threshold()
+
+    def update_actions(self) -> None:
+        idle = not self.runner.busy
+        dense = self.session.has_dense_model
+        self.analyse_button.setEnabled(idle and dense and self.session.stats is None)
+        self.compute_button.setEnabled(idle and dense)
+        self.samples_spin.setEnabled(idle)
+        self.controls.setEnabled(dense)

@@ -1,0 +1,169 @@
+"""Model page: open a model (demo, folder, GGUF file, quantized folder, hub name) and see what it is."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel,
+                               QLineEdit, QListWidget, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from studio import storage
+from studio.format import human_bytes, human_count
+from studio.jobs import LOAD_STAGES, load_job
+from studio.model_info import ModelInfo
+from studio.pages.base import Page, group
+
+LOAD_TITLE = "Loading the model"
+FACTS = (("name", "Name"), ("source", "Opened from"), ("architecture", "Architecture"),
+         ("parameters", "Parameters"), ("blocks", "Decoder blocks"), ("quantizable", "Quantizable matrices"),
+         ("memory", "Memory now"), ("estimate4", "Estimated at 4 bits"), ("estimate3", "Estimated at 3 bits"))
+FACT_TIPS = {"memory": "Bytes of every weight and buffer as the model is held now.",
+             "estimate4": "Whole model after 4-bit SqueezeLLM with the default 0.5% of weights kept exactly.",
+             "estimate3": "Whole model after 3-bit SqueezeLLM with the default 0.5% of weights kept exactly."}
+
+
+class ModelPage(Page):
+    title = "Model"
+    description = ("Open the model you want to shrink. The demo model (SmolLM2-135M, a small chat model) "
+                   "works offline. You can also open a Hugging Face model folder, a single .gguf file, a "
+                   "folder quantized earlier by this app, or a hub name like org/model.")
+
+    model_loaded = Signal()
+
+    def __init__(self, session, runner, parent: QWidget | None = None) -> None:
+        super().__init__(session, runner, parent)
+        self.demo_button = QPushButton("Open the demo model")
+        self.demo_button.setObjectName("primary")
+        self.demo_button.setToolTip("SmolLM2-135M-Instruct, shipped with the app (Ctrl+D)")
+        self.open_folder_button = QPushButton("Open folder…")
+        self.open_folder_button.setToolTip("A folder with config.json and .safetensors weights, or a folder "
+                                           "quantized by Squeeze Studio (Ctrl+O)")
+        self.open_gguf_button = QPushButton("Open GGUF file…")
+        self.open_gguf_button.setToolTip("A single .gguf file (its weights are dequantized to float32)")
+        self.spec_edit = QLineEdit()
+        self.spec_edit.setPlaceholderText("or type a path or hub name (org/model) and press Enter")
+        self.open_button = QPushButton("Open")
+        self.recent_list = QListWidget()
+        self.recent_list.setToolTip("Models opened before: double-click to open again")
+        self.recent_list.setMaximumHeight(130)
+        self.facts: dict[str, QLabel] = {}
+        self.layers_table = QTableWidget(0, 4)
+        self.layers_table.setHorizontalHeaderLabels(["Matrix", "Shape (out × in)", "Parameters", "Stored as"])
+        self.layers_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.layers_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.layers_table.verticalHeader().hide()
+        self.layers_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self._layout()
+        self.demo_button.clicked.connect(lambda: self.open_model("demo"))
+        self.open_folder_button.clicked.connect(self.browse_folder)
+        self.open_gguf_button.clicked.connect(self.browse_gguf)
+        self.open_button.clicked.connect(self._open_typed)
+        self.spec_edit.returnPressed.connect(self._open_typed)
+        self.recent_list.itemActivated.connect(lambda item: self.open_model(item.text()))
+        session.model_changed.connect(lambda: self.show_info(self.session.info))
+        self.refresh_recent()
+        self.show_info(None)
+        self.update_actions()
+
+    def _layout(self) -> None:
+        buttons = QHBoxLayout()
+        for button in (self.demo_button, self.open_folder_button, self.open_gguf_button):
+            buttons.addWidget(button)
+        buttons.addWidget(self.spec_edit, 1)
+        buttons.addWidget(self.open_button)
+        self.outer.addLayout(buttons)
+        facts = QWidget()
+        form = QFormLayout(facts)
+        for key, label in FACTS:
+            value = QLabel("–")
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            value.setWordWrap(True)
+            name = QLabel(label)
+            name.setToolTip(FACT_TIPS.get(key, ""))
+            value.setToolTip(FACT_TIPS.get(key, ""))
+            form.addRow(name, value)
+            self.facts[key] = value
+        left = QWidget()
+        column = QVBoxLayout(left)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(group("This model", facts))
+        column.addWidget(group("Recent models", self.recent_list))
+        column.addStretch(1)
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(group("Quantizable matrices (the Linear layers inside the decoder blocks)",
+                                 self.layers_table))
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([380, 700])
+        self.outer.addWidget(splitter, 1)
+
+    # ------------------------------------------------------------ opening
+
+    def open_model(self, spec: str) -> bool:
+        """Load ``spec`` in the background; the session changes when it is ready."""
+        spec = spec.strip()
+        if not spec:
+            return False
+        return self.runner.run(LOAD_TITLE, lambda: load_job(spec), on_result=lambda r: self._loaded(spec, r),
+                               stages=LOAD_STAGES)
+
+    def browse_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Open a model folder", storage.last_folder("model"))
+        if folder:
+            storage.remember_folder("model", folder)
+            self.open_model(folder)
+
+    def browse_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF file", storage.last_folder("model"),
+                                              "GGUF files (*.gguf);;All files (*)")
+        if path:
+            storage.remember_folder("model", path)
+            self.open_model(path)
+
+    def _open_typed(self) -> None:
+        self.open_model(self.spec_edit.text())
+
+    def _loaded(self, spec: str, result: tuple) -> None:
+        loaded, info = result
+        self.session.set_model(loaded, info)
+        storage.remember_model(spec)
+        self.refresh_recent()
+        self.model_loaded.emit()
+
+    def refresh_recent(self) -> None:
+        self.recent_list.clear()
+        self.recent_list.addItems(storage.recent_models())
+
+    # ------------------------------------------------------------ showing
+
+    def show_info(self, info: ModelInfo | None) -> None:
+        values = dict.fromkeys(self.facts, "–")
+        if info is not None:
+            values.update(
+                name=info.name + (" (quantized)" if info.quantized else ""), source=info.source,
+                architecture=info.architecture,
+                parameters=f"{human_count(info.parameters)} ({info.parameters:,})",
+                blocks=f"{info.blocks} (hidden size {info.hidden_size})",
+                quantizable=f"{len(info.layers)} matrices, {human_count(info.quantizable_parameters)} weights",
+                memory=human_bytes(info.memory_bytes),
+                estimate4=human_bytes(info.estimated_bytes.get(4)) if info.estimated_bytes else "already quantized",
+                estimate3=human_bytes(info.estimated_bytes.get(3)) if info.estimated_bytes else "already quantized")
+        for key, label in self.facts.items():
+            label.setText(values[key])
+        rows = info.layers if info is not None else []
+        self.layers_table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            cells = (row["name"], " × ".join(map(str, row["shape"])), f"{row['parameters']:,}", row["dtype"])
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if c == 2:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.layers_table.setItem(r, c, item)
+        self.layers_table.resizeColumnsToContents()
+        self.layers_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+
+    def update_actions(self) -> None:
+        idle = not self.runner.busy
+        for widget in (self.demo_button, self.open_folder_button, self.open_gguf_button, self.open_button,
+                       self.recent_list):
+            widget.setEnabled(idle)

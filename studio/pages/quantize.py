@@ -1,0 +1,265 @@
+"""Quantize page: the settings as a form, what will happen, then a run with progress, log and cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QHeaderView,
+                               QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout,
+                               QWidget)
+
+from core.config import CalibrationConfig
+from core.pipeline import QuantizeJob
+from studio.estimates import estimate_seconds
+from studio.format import human_bytes
+from studio.jobs import QUANTIZE_STAGES, QuantizeOutcome, default_output, quantize_job
+from studio.model_info import describe
+from studio.pages.base import Page, group
+from studio.session import QuantResult
+from studio.widgets.config_form import ConfigForm
+from studio.widgets.pickers import CorpusPicker, FolderPicker
+from studio.widgets.progress_panel import JobProgressPanel, format_seconds
+from studio.widgets.quant_controls import QuantControls
+
+QUANTIZE_TITLE = "Quantizing"
+STAGE_LABELS = {"load": "Load", "fisher": "Sensitivity", "outliers": "Outliers", "quantize": "k-means + pack",
+                "save": "Save", "reload": "Open result"}
+DEFAULT_OUTPUT_BASE = Path.home() / "squeeze-models"
+
+
+class QuantizePage(Page):
+    title = "Quantize"
+    description = ("Make the compressed model. The app measures sensitivity on the calibration text (cached), "
+                   "keeps outliers and sensitive weights exactly, clusters every row of every matrix into "
+                   "2^bits values weighted by sensitivity, and saves a folder you can evaluate, chat with, or "
+                   "load with 'squeeze'. Your original model is not changed.")
+
+    open_page = Signal(str)  # "evaluate" or "chat", asked by the buttons under a finished run
+
+    def __init__(self, session, runner, parent: QWidget | None = None) -> None:
+        super().__init__(session, runner, parent)
+        self.controls = QuantControls(sliders=False, show_method=True)
+        self.calibration_form = ConfigForm(
+            session.calibration, ["source", "samples", "seqlen"],
+            custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
+        self.output_picker = FolderPicker("output", "Where to save the quantized model", self._default_name)
+        self.output_picker.setToolTip("A new or empty folder; it appears only when the run has finished")
+        self.device_combo = QComboBox()
+        for device in ("auto", "cpu", "cuda"):
+            self.device_combo.addItem(device, device)
+        self.device_combo.setToolTip("Where the work runs: auto uses the GPU when torch sees one")
+        if not torch.cuda.is_available():
+            self.device_combo.model().item(2).setEnabled(False)
+        self.overwrite_check = QCheckBox("Replace the folder if it already holds files")
+        self.summary_label = QLabel()
+        self.summary_label.setObjectName("summary")
+        self.summary_label.setWordWrap(True)
+        self.run_button = QPushButton("Quantize")
+        self.run_button.setObjectName("primary")
+        self.run_button.setToolTip("Start the run (Ctrl+R); you can cancel at any time")
+        self.panel = JobProgressPanel(runner, STAGE_LABELS)
+        self.layers_table = QTableWidget(0, 4)
+        self.layers_table.setHorizontalHeaderLabels(["Matrix", "Status", "Kept exactly", "Relative error"])
+        self.layers_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.layers_table.verticalHeader().hide()
+        self.layers_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.result_label = QLabel("No result yet.")
+        self.result_label.setWordWrap(True)
+        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.evaluate_button = QPushButton("Evaluate it")
+        self.chat_button = QPushButton("Chat with it")
+        self._layout()
+        self._connect()
+        self._on_model_changed()
+
+    def _layout(self) -> None:
+        form_widget = QWidget()
+        form = QFormLayout(form_widget)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow(self.controls)
+        form.addRow(self.calibration_form)
+        form.addRow("Output folder", self.output_picker)
+        form.addRow("Device", self.device_combo)
+        form.addRow("", self.overwrite_check)
+        left = QWidget()
+        column = QVBoxLayout(left)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(group("Settings", form_widget))
+        column.addWidget(group("What will happen", self.summary_label))
+        column.addWidget(self.run_button)
+        column.addStretch(1)
+        result_buttons = QHBoxLayout()
+        result_buttons.addWidget(self.evaluate_button)
+        result_buttons.addWidget(self.chat_button)
+        result_buttons.addStretch(1)
+        result = QWidget()
+        result_layout = QVBoxLayout(result)
+        result_layout.setContentsMargins(0, 0, 0, 0)
+        result_layout.addWidget(self.result_label)
+        result_layout.addLayout(result_buttons)
+        right = QWidget()
+        right_column = QVBoxLayout(right)
+        right_column.setContentsMargins(0, 0, 0, 0)
+        progress = QSplitter(Qt.Orientation.Vertical)
+        progress.addWidget(group("Progress", self.panel))
+        progress.addWidget(group("Per matrix", self.layers_table))
+        right_column.addWidget(progress, 1)
+        right_column.addWidget(group("Result", result))
+        splitter = QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(right)
+        splitter.setSizes([430, 800])
+        self.outer.addWidget(splitter, 1)
+
+    def _connect(self) -> None:
+        session = self.session
+        self.controls.changed.connect(lambda: session.set_quant_config(self.controls.value()))
+        self.calibration_form.changed.connect(self._on_calibration_edited)
+        session.quant_config_changed.connect(self._show_settings)
+        session.calibration_changed.connect(self._show_settings)
+        session.model_changed.connect(self._on_model_changed)
+        session.fisher_changed.connect(self._show_summary)
+        self.output_picker.changed.connect(self._show_summary)
+        self.device_combo.currentIndexChanged.connect(self._show_summary)
+        self.run_button.clicked.connect(self.start)
+        self.evaluate_button.clicked.connect(lambda: self.open_page.emit("evaluate"))
+        self.chat_button.clicked.connect(lambda: self.open_page.emit("chat"))
+        self.runner.progress.connect(self._on_progress)
+        self._show_settings()
+
+    # ------------------------------------------------------------ settings and summary
+
+    def _default_name(self) -> str:
+        name = self.session.model.name if self.session.model is not None else "model"
+        return default_output(name, self.session.quant_config.bits, Path("/nonexistent")).name
+
+    def _on_calibration_edited(self) -> None:
+        calibration = self.calibration_form.value()
+        if calibration is not None:
+            self.session.set_calibration(calibration)
+
+    def _show_settings(self) -> None:
+        if self.controls.value() != self.session.quant_config:
+            self.controls.set_value(self.session.quant_config)
+        if self.calibration_form.value() != self.session.calibration:
+            self.calibration_form.set_value(self.session.calibration)
+        self._show_summary()
+
+    def _on_model_changed(self) -> None:
+        model = self.session.model
+        if model is not None and not model.quantized:
+            base = DEFAULT_OUTPUT_BASE
+            self.output_picker.set_value(str(default_output(model.name, self.session.quant_config.bits, base)))
+        rows = self.session.info.layers if self.session.info is not None else []
+        self.layers_table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate((row["name"], "waiting", "", "")):
+                self.layers_table.setItem(r, c, QTableWidgetItem(text))
+        self._show_summary()
+        self.update_actions()
+
+    def _fisher_cached(self, calibration: CalibrationConfig) -> bool:
+        return self.session.fisher is not None and self.session.fisher_calibration == calibration
+
+    def _show_summary(self) -> None:
+        info, config, calibration = self.session.info, self.session.quant_config, self.session.calibration
+        if info is None or info.quantized:
+            self.summary_label.setText("Open an original (not yet quantized) model on the Model page first.")
+            return
+        cached = self._fisher_cached(calibration)
+        gpu = self.device_combo.currentData() != "cpu" and torch.cuda.is_available()
+        seconds = estimate_seconds(info.parameters, info.quantizable_parameters, config, calibration, cached, gpu)
+        outliers = config.outliers
+        keep = ("no outliers" if not outliers.enabled else
+                f"{outliers.percent}% of weights as outliers" if outliers.percent is not None else
+                f"outliers beyond {outliers.range_multiplier} × IQR")
+        sensitivity = ("sensitivity already computed (cached)" if cached else
+                       f"measure sensitivity on {calibration.samples} windows of {calibration.seqlen} tokens "
+                       f"of '{Path(calibration.source).name or calibration.source}'")
+        steps = [f"{len(info.layers)} matrices of {info.name} to {config.bits} bits ({config.method})"]
+        if config.method == "squeezellm":
+            steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
+        steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
+        total = sum(seconds.values())
+        detail = ", ".join(f"{k} {format_seconds(v)}" for k, v in seconds.items() if v >= 1)
+        self.summary_label.setText("<br>".join(f"• {s}" for s in steps) +
+                                   f"<br><b>Rough time: {format_seconds(total)}</b> ({detail or 'seconds'})")
+
+    # ------------------------------------------------------------ the run
+
+    def start(self) -> bool:
+        """Start quantizing the session's model with the form's settings."""
+        model = self.session.model
+        calibration = self.calibration_form.value()
+        output = self.output_picker.value()
+        if model is None or model.quantized or calibration is None:
+            return False
+        if not output:
+            self.runner.reporter.show_message("No output folder", "Choose where to save the quantized model.")
+            return False
+        job = QuantizeJob(model=model.source, output=Path(output).expanduser(), config=self.session.quant_config,
+                          calibration=calibration, device=self.device_combo.currentData(),
+                          overwrite=self.overwrite_check.isChecked())
+        for r in range(self.layers_table.rowCount()):
+            for c, text in ((1, "waiting"), (2, ""), (3, "")):
+                self.layers_table.setItem(r, c, QTableWidgetItem(text))
+        self.panel.watch(QUANTIZE_TITLE)
+        self.result_label.setText("Running…")
+        return self.runner.run(QUANTIZE_TITLE, lambda: quantize_job(job), stages=QUANTIZE_STAGES,
+                               on_result=lambda outcome: self._finished(job, outcome), on_end=self._ended)
+
+    def _on_progress(self, progress) -> None:
+        event = progress.event
+        if progress.title != QUANTIZE_TITLE or event.stage != "quantize":
+            return
+        for r in range(min(event.done, self.layers_table.rowCount())):
+            item = self.layers_table.item(r, 1)
+            if item is not None and item.text() != "done":
+                item.setText("done")
+        if event.done < self.layers_table.rowCount():
+            self.layers_table.item(event.done, 1).setText("working…")
+            self.layers_table.scrollToItem(self.layers_table.item(event.done, 0))
+
+    def _finished(self, job: QuantizeJob, outcome: QuantizeOutcome) -> None:
+        report = outcome.report
+        path = Path(job.output).expanduser().resolve()
+        info = describe(outcome.loaded)
+        size = info.file_bytes or info.memory_bytes
+        original = self.session.info.file_bytes or self.session.info.memory_bytes
+        summary = {"bits_per_weight": report.bits_per_weight, "sparse_percent": report.sparse_percent,
+                   "bytes": size, "seconds": dict(report.seconds), "range_multiplier": report.range_multiplier}
+        self.session.add_result(QuantResult(path.name, path, outcome.loaded, summary))
+        if self.session.model is not None:  # the next run gets a fresh folder name
+            self.output_picker.set_value(str(default_output(self.session.model.name, job.config.bits, path.parent)))
+        by_name = {layer.name: layer for layer in report.layers}
+        for r in range(self.layers_table.rowCount()):
+            layer = by_name.get(self.layers_table.item(r, 0).text())
+            if layer is not None:
+                self.layers_table.item(r, 1).setText("done")
+                self.layers_table.setItem(r, 2, QTableWidgetItem(f"{layer.sparse:,}"))
+                self.layers_table.setItem(r, 3, QTableWidgetItem(f"{layer.relative_error:.4f}"))
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items() if v >= 0.5)
+        self.result_label.setText(
+            f"<b>Saved {path}</b><br>Size {human_bytes(size)} (original {human_bytes(original)}), "
+            f"{report.bits_per_weight:.2f} bits per weight, {report.sparse_percent:.2f}% kept exactly; "
+            f"took {format_seconds(outcome.seconds)}{f' ({stages})' if stages else ''}.")
+
+    def _ended(self, outcome: str) -> None:
+        if outcome == "cancelled":
+            self.result_label.setText("Cancelled: no folder was written.")
+        elif outcome == "failed":
+            self.result_label.setText("The run failed (see the message); no folder was written.")
+        self.update_actions()
+
+    def update_actions(self) -> None:
+        idle = not self.runner.busy
+        dense = self.session.has_dense_model
+        self.run_button.setEnabled(idle and dense)
+        for widget in (self.controls, self.calibration_form, self.output_picker, self.device_combo,
+                       self.overwrite_check):
+            widget.setEnabled(idle)
+        has_result = self.session.latest_result is not None
+        self.evaluate_button.setEnabled(idle and has_result)
+        self.chat_button.setEnabled(idle and has_result)

@@ -1,0 +1,1 @@
+"""pyqtgraph widgets: histograms with threshold lines, per-layer bars, heat map, Pareto scatter."""

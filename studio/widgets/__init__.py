@@ -1,0 +1,1 @@
+"""Small reusable controls: forms from config metadata, pickers, progress panels."""
