@@ -121,11 +121,10 @@ class _IncrementalDecoder:
 class _Sampler:
     """Next-token choice: repetition penalty, then greedy (temperature 0) or temperature + top-p."""
 
-    def __init__(self, config: ChatConfig, seen: list[int], vocab_size: int, device: torch.device,
-                 seed: int | None) -> None:
+    def __init__(self, config: ChatConfig, prompt: list[int], device: torch.device, seed: int | None) -> None:
         self.config = config
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.seen[torch.tensor(seen, dtype=torch.long, device=device).clamp(0, vocab_size - 1)] = True
+        self.prompt = prompt
+        self.seen: torch.Tensor | None = None  # bool [vocab], sized by the first logits
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator(device=device)
@@ -133,6 +132,10 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: float [vocab] of the next position -> the chosen token id."""
+        if self.seen is None:
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            ids = torch.tensor(self.prompt, dtype=torch.long, device=logits.device)
+            self.seen[ids[ids < logits.shape[-1]]] = True
         logits = logits.float()
         penalty = self.config.repetition_penalty
         if penalty != 1.0:  # as in transformers: shrink the logits of every token already in the text
@@ -185,7 +188,7 @@ def stream_reply(model, tokenizer, session: ChatSession, user_text: str, config:
                         "start a new conversation (/reset) or send a shorter message")
     device = next(model.parameters()).device
     ends = end_token_ids(model, tokenizer)
-    sampler = _Sampler(config, ids, model.get_output_embeddings().weight.shape[0], device, seed)
+    sampler = _Sampler(config, ids, device, seed)
     decoder = _IncrementalDecoder(tokenizer)
     max_new = config.max_new_tokens if limit is None else min(config.max_new_tokens, limit - len(ids))
     pieces: list[str] = []

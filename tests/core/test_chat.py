@@ -171,3 +171,19 @@ def test_closing_the_generator_keeps_what_was_shown(model, demo_tokenizer):
     shown = next(gen)
     gen.close()
     assert session.history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": shown}]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from core.chat import _Sampler
+
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.1, 0.05])
+    logits = probs.log()
+
+    def draws(top_p: float) -> set[int]:
+        config = ChatConfig(temperature=1.0, top_p=top_p, repetition_penalty=1.0)
+        sampler = _Sampler(config, [], torch.device("cpu"), seed=0)
+        return {sampler(logits) for _ in range(300)}
+
+    assert draws(0.4) == {1}
+    assert draws(0.7) == {1, 2}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
+    assert draws(1.0) == {0, 1, 2, 3, 4}
