@@ -1,11 +1,14 @@
 """LUT matmul: ``y = x @ (LUT[codes] + sparse)^T + bias``, and its plain-torch reference.
 
-The torch functions here are the oracle that compiled kernels (``cuda_ext``, a CPU kernel) are
-tested against. ``lut_matmul`` picks an implementation in one place, ``_backend()``; today that
-is always the torch reference, which dequantizes to float32 and calls ``F.linear``.
+The torch functions here are the oracle that compiled kernels (``cuda_ext``) are tested against.
+``lut_matmul`` picks an implementation in one place, ``_backend()``: the compiled CPU kernel
+(``cuda_ext.cpu``) for CPU tensors when it builds, else the torch reference, which dequantizes to
+float32 and calls ``F.linear``. ``SQUEEZE_KERNELS=torch`` forces the reference everywhere.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +17,19 @@ from core.packing import csr_row_indices, unpack_codes_transposed
 
 
 def _backend(device: torch.device) -> str:
-    """Which implementation ``lut_matmul`` uses for tensors on ``device``.
+    """Which implementation ``lut_matmul`` uses for tensors on ``device``: "cpu-ext" or "torch".
 
-    Only "torch" exists for now; compiled kernels will be chosen here (after their
-    ``is_available()``), with the torch reference as the fallback.
+    ``$SQUEEZE_KERNELS``: "auto" (default) takes a compiled kernel for the device when
+    ``cuda_ext`` can build it (the first call may compile it, once per machine), "torch" forces
+    the reference, "cpu" / "cuda" allow only that kernel. A kernel that cannot be built logs one
+    warning (in cuda_ext) and the reference serves.
     """
+    choice = os.environ.get("SQUEEZE_KERNELS", "auto").strip().lower()
+    if device.type == "cpu" and choice in ("auto", "cpu"):
+        import cuda_ext
+
+        if cuda_ext.is_available("cpu"):
+            return "cpu-ext"
     return "torch"
 
 
@@ -65,7 +76,13 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features but the layer expects {in_features}")
-    backend = _backend(x.device)
+    # The compiled kernels have no backward: a graph that needs gradients takes the reference.
+    backend = "torch" if x.requires_grad and torch.is_grad_enabled() else _backend(x.device)
+    if backend == "cpu-ext":
+        from cuda_ext import cpu
+
+        return cpu.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
+                              sparse_vals, bias)
     if backend == "torch":
         return _lut_matmul_torch(x, qweight, lookup_table, bits, in_features,
                                  sparse_rows, sparse_cols, sparse_vals, bias)

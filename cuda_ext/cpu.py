@@ -1,0 +1,97 @@
+"""The CPU kernel (csrc/cpu_lut.cpp): LUT mat-vec on the packed codes, tiled dequantize + GEMM for prefill.
+
+Registers two torch ops (so torch.compile sees them, with fake implementations for tracing):
+
+* ``torch.ops.squeeze.lut_matmul_cpu(x, qweight, lookup_table, bits, in_features, sparse_rows,
+  sparse_cols, sparse_vals, bias, max_matvec_rows=8)``: x [..., in] any float dtype ->
+  [..., out] in x's dtype, computed in float32 (arguments as ``core.kernels.lut_matmul``);
+* ``torch.ops.squeeze.dequantize_cpu(qweight, lookup_table, bits, in_features, sparse_rows,
+  sparse_cols, sparse_vals)``: the dense weight float32 [out, in].
+
+Use ``cuda_ext.load("cpu")`` (or ``is_available("cpu")``) first; the functions below assume it.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from cuda_ext import jit
+
+SOURCE = jit.CSRC / "cpu_lut.cpp"
+# Up to this many input rows the LUT mat-vec reads the packed codes once per 8 rows; beyond it
+# dequantizing to fp32 and one BLAS GEMM is faster (bench/cpu_inference.py --crossover).
+MAX_MATVEC_ROWS = 8
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def compile_flags() -> list[str]:
+    """-O3 and OpenMP, plus AVX2/FMA/F16C only when this CPU has them (never -march=native,
+    so a cached build stays valid on any CPU with the same flags: the cache key includes them)."""
+    flags = ["-O3"]
+    if sys.platform.startswith("linux"):
+        flags.append("-fopenmp")
+    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def missing_requirement() -> str | None:
+    if sys.platform == "win32":
+        return "the CPU kernel is built with gcc/clang flags, not supported on Windows yet"
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return f"the CPU kernel is not built for {platform.machine()} processors"
+    return jit.compiler_missing()
+
+
+def build() -> str:
+    """Compile (once per machine; cached) and load the library; register the fake implementations."""
+    flags = compile_flags()
+    path = jit.build("squeeze_cpu", [SOURCE], flags, ["-fopenmp"] if "-fopenmp" in flags else [])
+    _register_fakes()
+    return path
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("squeeze::lut_matmul_cpu")
+    def _lut_matmul_fake(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals,
+                         bias, max_matvec_rows=MAX_MATVEC_ROWS):
+        return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+    @torch.library.register_fake("squeeze::dequantize_cpu")
+    def _dequantize_fake(qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals):
+        return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.float32)
+
+
+def uses_simd() -> bool:
+    """True when the loaded build decodes with AVX2 (else it runs its scalar loops)."""
+    return bool(torch.ops.squeeze.cpu_kernel_simd())
+
+
+def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,
+               sparse_rows: torch.Tensor | None, sparse_cols: torch.Tensor | None, sparse_vals: torch.Tensor | None,
+               bias: torch.Tensor | None, max_matvec_rows: int = MAX_MATVEC_ROWS) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype; shapes and dtypes as ``core.kernels.lut_matmul``."""
+    return torch.ops.squeeze.lut_matmul_cpu(x, qweight, lookup_table, bits, in_features, sparse_rows,
+                                            sparse_cols, sparse_vals, bias, max_matvec_rows)
+
+
+def dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,
+               sparse_rows: torch.Tensor | None = None, sparse_cols: torch.Tensor | None = None,
+               sparse_vals: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight float32 [out, in], as ``core.kernels.dequantize``."""
+    return torch.ops.squeeze.dequantize_cpu(qweight, lookup_table, bits, in_features, sparse_rows,
+                                            sparse_cols, sparse_vals)
