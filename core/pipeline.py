@@ -42,6 +42,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _check_text_source(source: str) -> None:
+    """A missing calibration file is reported before the model is loaded, not minutes later."""
+    from core.data import KEYWORDS, load_text
+
+    if source not in KEYWORDS and not source.startswith("hf:") and not Path(source).expanduser().is_file():
+        load_text(source)  # raises the UserError that names the problem
+
+
 def run_quantize_job(job: QuantizeJob, loaded=None) -> Generator[ProgressEvent, None, QuantReport]:
     """Quantize ``job.model`` into ``job.output``; returns the report with per-stage seconds.
 
@@ -55,6 +63,7 @@ def run_quantize_job(job: QuantizeJob, loaded=None) -> Generator[ProgressEvent, 
     device = resolve_device(job.device)
     output = Path(job.output).expanduser().resolve()
     _check_output(output, job.overwrite)  # fail before the long work, not after it
+    _check_text_source(job.calibration.source)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if loaded is None:

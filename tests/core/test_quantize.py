@@ -83,7 +83,11 @@ def test_tiny_models_quantize_and_still_predict(tiny_model):
     assert all(isinstance(tiny_model.get_submodule(n), SqueezeLinear) for n in names)
     assert len(report.layers) == len(names)
     assert 0.5 < report.sparse_percent < 2.0
-    assert 4.0 < report.bits_per_weight < 6.5
+    from core.preview import packed_layer_bytes  # the size formula agrees with the stored buffers
+    expected = sum(packed_layer_bytes(*layer.shape, 4, layer.sparse) for layer in report.layers)
+    expected += sum(4 * m.out_features for n in names if (m := tiny_model.get_submodule(n)).bias is not None)
+    assert report.quantized_bytes == expected
+    assert report.bits_per_weight == pytest.approx(8 * expected / report.n_weights)
     with torch.no_grad():
         out = tiny_model(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.15
