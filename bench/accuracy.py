@@ -1,0 +1,140 @@
+"""Perplexity of the demo model under every method, on identical evaluation windows.
+
+python -m bench.accuracy [--skip-original] [--only NAME ...]
+
+Rows: the fp32 original; SqueezeLLM (ours) 4/3-bit dense-only and dense-and-sparse
+(0.45% outliers + 0.05% sensitive); the original method reproduced with scikit-learn
+(bench/original.py) at the same settings and with the same Fisher; round-to-nearest per
+channel and with groups of 128; unweighted k-means. Fisher from 100 windows of 512
+tokens of the built-in corpus (cached). Writes the "accuracy" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import machine_line, update_section
+from core.config import CalibrationConfig, EvalConfig, OutlierConfig, QuantConfig
+from core.progress import run_to_end
+
+DENSE = OutlierConfig(percent=None)
+ROWS = {  # name -> (family, QuantConfig or None, weighted)
+    "fp32 (no quantization)": ("fp32", None, True),
+    "squeezellm 4-bit dense-only": ("ours", QuantConfig(bits=4, outliers=DENSE, sensitivity_percent=0), True),
+    "squeezellm 4-bit dense-and-sparse (0.45% + 0.05%)": ("ours", QuantConfig(bits=4), True),
+    "squeezellm 3-bit dense-only": ("ours", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), True),
+    "squeezellm 3-bit dense-and-sparse (0.45% + 0.05%)": ("ours", QuantConfig(bits=3), True),
+    "original method 4-bit dense-only": ("original", QuantConfig(bits=4, outliers=DENSE, sensitivity_percent=0), True),
+    "original method 4-bit dense-and-sparse": ("original", QuantConfig(bits=4), True),
+    "original method 3-bit dense-only": ("original", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), True),
+    "original method 3-bit dense-and-sparse": ("original", QuantConfig(bits=3), True),
+    "rtn-g128 4-bit": ("ours", QuantConfig(bits=4, method="rtn-g128"), True),
+    "rtn-g128 3-bit": ("ours", QuantConfig(bits=3, method="rtn-g128"), True),
+    "rtn per channel 4-bit": ("ours", QuantConfig(bits=4, method="rtn"), True),
+    "rtn per channel 3-bit": ("ours", QuantConfig(bits=3, method="rtn"), True),
+    "unweighted k-means 4-bit (Fisher ignored)": ("ours", QuantConfig(bits=4, outliers=DENSE, sensitivity_percent=0), False),
+    "unweighted k-means 3-bit (Fisher ignored)": ("ours", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), False),
+}
+RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
+
+
+def paper_bits(shapes: list[tuple[int, int]], bits: int, nnz: int, method: str) -> float:
+    """Bits per weight as the issue's table counts them: codes, fp16 LUT per row (or fp16 scale+zero per
+    group of 128 / per row for rtn), 48 bits per sparse entry."""
+    n = sum(o * i for o, i in shapes)
+    if method == "rtn-g128":
+        extra = sum(o * -(-i // 128) * 32 for o, i in shapes)
+    elif method == "rtn":
+        extra = sum(o * 32 for o, _ in shapes)
+    else:
+        extra = sum(o * (1 << bits) * 16 for o, _ in shapes)
+    return bits + (extra + 48 * nnz) / n
+
+
+def run_row(name: str, family: str, config: QuantConfig | None, weighted: bool, windows, fisher_cfg) -> dict:
+    from core.evaluate import perplexity
+    from core.models import load_model, quantizable_linears
+    from core.quantize import outlier_thresholds, quantize_model
+    from core.sensitivity import load_or_compute_fisher
+
+    loaded = load_model("demo")
+    shapes = [tuple(lin.weight.shape) for lin in quantizable_linears(loaded.model).values()]
+    t0 = time.perf_counter()
+    row = {"name": name, "bits_paper": 32.0, "bits_stored": 32.0, "sparse_percent": 0.0}
+    if config is not None:
+        fisher = run_to_end(load_or_compute_fisher(loaded.model, loaded.tokenizer, fisher_cfg)) if weighted else None
+        if family == "ours":
+            report = run_to_end(quantize_model(loaded.model, config, fisher))
+            nnz = sum(layer.sparse for layer in report.layers)
+            row.update(bits_stored=report.bits_per_weight)
+        else:
+            from bench.original import quantize_like_original
+
+            thresholds, _ = run_to_end(outlier_thresholds(quantizable_linears(loaded.model), config))
+            quantize_like_original(loaded.model, config.bits, fisher, thresholds, config.sensitivity_percent)
+            nnz = None
+        row["quantize_seconds"] = time.perf_counter() - t0
+        if nnz is not None:
+            row["sparse_percent"] = 100 * nnz / sum(o * i for o, i in shapes)
+            row["bits_paper"] = paper_bits(shapes, config.bits, nnz, config.method)
+        else:
+            row["bits_paper"] = None
+    result = run_to_end(perplexity(loaded.model, windows, batch_size=4))
+    row["perplexity"] = result.perplexity
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["perplexity"] for r in rows if r["name"].startswith("fp32")), None)
+    lines = ["| setting | bits per weight (paper convention) | bits per weight (as stored) | sparse % | perplexity "
+             "| vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        bp = f"{r['bits_paper']:.2f}" if r.get("bits_paper") else "same as ours"
+        bs = f"{r['bits_stored']:.2f}" if not r["name"].startswith("original") else "-"
+        rel = f"{r['perplexity'] / base:.3f}x" if base else "-"
+        lines.append(f"| {r['name']} | {bp} | {bs} | {r['sparse_percent']:.2f} | {r['perplexity']:.2f} | {rel} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-original", action="store_true", help="leave out the slow scikit-learn reference")
+    parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these words")
+    args = parser.parse_args()
+    from core.data import corpus_tokens, evaluation_windows
+    from core.models import load_model
+
+    eval_cfg, fisher_cfg = EvalConfig(), CalibrationConfig()
+    tok = load_model("demo").tokenizer
+    windows = evaluation_windows(corpus_tokens(tok, eval_cfg.source), eval_cfg.windows, eval_cfg.seqlen)
+    old = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
+    rows = []
+    for name, (family, config, weighted) in ROWS.items():
+        wanted = not args.only or any(word in name for word in args.only)
+        if (family == "original" and args.skip_original) or not wanted:
+            if name in old:
+                rows.append(old[name])
+            continue
+        rows.append(run_row(name, family, config, weighted, windows, fisher_cfg))
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(rows + [r for n, r in old.items() if n not in {x['name'] for x in rows}],
+                                      indent=1))
+    rows.sort(key=lambda r: list(ROWS).index(r["name"]))
+    text = (f"## Accuracy: perplexity of the demo model\n\n{machine_line()}\n\nBuilt-in corpus, first "
+            f"{eval_cfg.windows} x {eval_cfg.seqlen} evaluation tokens (identical windows for every row); Fisher "
+            f"from {fisher_cfg.samples} x {fisher_cfg.seqlen}-token windows of the second half of the corpus. "
+            "'original method' = SqueezeLLM's own algorithm (scikit-learn per-row k-means, strict-'>' sensitive "
+            "selection, fp32 LUT) reproduced by bench/original.py with the same Fisher and the same outlier "
+            "thresholds.\n\n" + table(rows))
+    update_section("accuracy", text)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
