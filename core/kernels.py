@@ -4,6 +4,8 @@ The torch functions here are the oracle that compiled kernels (``cuda_ext``) are
 ``lut_matmul`` picks an implementation in one place, ``_backend()``: the compiled CPU kernel
 (``cuda_ext.cpu``) for CPU tensors when it builds, else the torch reference, which dequantizes to
 float32 and calls ``F.linear``. ``SQUEEZE_KERNELS=torch`` forces the reference everywhere.
+The CUDA kernels (``cuda_ext.ops``) serve CUDA tensors only with ``SQUEEZE_KERNELS=cuda``: they
+are opt-in until a run on a GPU has verified them ("auto" does not pick them).
 """
 
 from __future__ import annotations
@@ -17,14 +19,20 @@ from core.packing import csr_row_indices, unpack_codes_transposed
 
 
 def _backend(device: torch.device) -> str:
-    """Which implementation ``lut_matmul`` uses for tensors on ``device``: "cpu-ext" or "torch".
+    """Which implementation ``lut_matmul`` uses for tensors on ``device``: "cpu-ext", "cuda-ext" or "torch".
 
     ``$SQUEEZE_KERNELS``: "auto" (default) takes a compiled kernel for the device when
     ``cuda_ext`` can build it (the first call may compile it, once per machine), "torch" forces
     the reference, "cpu" / "cuda" allow only that kernel. A kernel that cannot be built logs one
-    warning (in cuda_ext) and the reference serves.
+    warning (in cuda_ext) and the reference serves. The CUDA kernels are chosen only by "cuda"
+    (opt-in until verified on a GPU); asking for them where they cannot work logs that once.
     """
     choice = os.environ.get("SQUEEZE_KERNELS", "auto").strip().lower()
+    if choice == "cuda":
+        import cuda_ext
+
+        if cuda_ext.is_available("cuda") and device.type == "cuda":
+            return "cuda-ext"
     if device.type == "cpu" and choice in ("auto", "cpu"):
         import cuda_ext
 
@@ -82,6 +90,11 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
         from cuda_ext import cpu
 
         return cpu.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
+                              sparse_vals, bias)
+    if backend == "cuda-ext":
+        from cuda_ext import ops
+
+        return ops.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
                               sparse_vals, bias)
     if backend == "torch":
         return _lut_matmul_torch(x, qweight, lookup_table, bits, in_features,

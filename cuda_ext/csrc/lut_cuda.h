@@ -1,0 +1,55 @@
+// Host-side interface between the torch binding (lut_cuda_ops.cpp) and the CUDA kernels (*.cu).
+//
+// Plain C++ with no CUDA or torch types, so that the .cu files compile against the CUDA headers
+// alone and the binding against torch's headers alone (a CPU-only torch wheel ships no
+// c10/cuda build headers). Every launcher expects tensors already checked by the binding
+// (contiguous, on one CUDA device, shapes consistent), runs on `stream` (a cudaStream_t) and
+// returns a cudaError_t value (0 = success); `error_string` turns it into text.
+#pragma once
+
+#include <cstdint>
+
+namespace squeeze_cuda {
+
+// Element types of activations, lookup tables and dequantized weights.
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Rows of activations one mat-vec launch accumulates from the same decoded weights; the
+// binding splits larger batches into chunks of this many rows.
+constexpr int kMaxGemvRows = 8;
+// Inputs per packing group: 32 codes of `bits` bits fill `bits` int32 words (core/packing.py).
+constexpr int kGroupSize = 32;
+// Packing groups (of 32 inputs) one mat-vec block reduces: more groups reload the block's LUT
+// less often, fewer make more blocks. 16 (512 inputs) is an estimate to be tuned on a GPU.
+constexpr int kGemvGroupsPerBlock = 16;
+// Packing groups one dequantize block expands (amortises loading the block's LUT slice).
+constexpr int kDequantGroupsPerBlock = 8;
+// CUDA's limit on gridDim.y, which counts the blocks along the input dimension: the binding
+// checks it so that an enormous in_features is a clear error, not a failed launch.
+constexpr int64_t kMaxGridY = 65535;
+
+// y[r, n] += sum_k lut[n, code(k, n)] * x[r, k] for r < rows (<= kMaxGemvRows), n < out_features.
+// x [rows, in_features]; qweight int32 [ceil(in/32)*bits, out_features]; lut [out, 2**bits];
+// y float32 [rows, out_features], pre-filled (zeros or the bias): partial sums are atomically added.
+int launch_lut_gemv(const void* x, int x_dtype, int rows, int in_features, const int32_t* qweight,
+                    int out_features, int bits, const void* lut, int lut_dtype, float* y, void* stream);
+
+// y[r, n] += sum_{i in row n} vals[i] * x[r, cols[i]]: the CSR residual, nnz split evenly over
+// threads whatever the row lengths. rows int32 [out+1], cols int32 [nnz], vals float32 [nnz].
+int launch_csr_gemv(const void* x, int x_dtype, int rows, int in_features, const int32_t* sparse_rows,
+                    const int32_t* sparse_cols, const float* sparse_vals, int64_t nnz, int out_features,
+                    float* y, void* stream);
+
+// weight_t[k, n] = lut[n, code(k, n)]: the dense part, transposed [in_features, out_features],
+// in out_dtype (so that x @ weight_t is a plain GEMM and both reads and writes are coalesced).
+int launch_lut_dequantize(const int32_t* qweight, int in_features, int out_features, int bits,
+                          const void* lut, int lut_dtype, void* weight_t, int out_dtype, void* stream);
+
+// weight_t[cols[i], n] += vals[i] for every residual i of row n (duplicates add up).
+int launch_csr_scatter_add(const int32_t* sparse_rows, const int32_t* sparse_cols, const float* sparse_vals,
+                           int64_t nnz, int in_features, int out_features, void* weight_t, int dtype,
+                           void* stream);
+
+const char* error_string(int code);
+
+}  // namespace squeeze_cuda

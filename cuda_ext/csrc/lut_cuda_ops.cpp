@@ -1,0 +1,181 @@
+// Torch binding of the CUDA LUT kernels: argument checks, allocation and the CUDA
+// implementations of the ops that cuda_ext/ops.py defines (schemas and fake kernels live there,
+// so the ops exist, and trace under torch.compile, even where this library was never built).
+//
+// Only generic c10 headers are used (the current stream comes from the device-guard interface),
+// so this file compiles against any torch, CPU wheels included; CUDA itself is reached only
+// through the launchers of lut_cuda.h.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "lut_cuda.h"
+
+namespace squeeze_cuda {
+namespace {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+int dtype_code(at::ScalarType type, const char* what) {
+  switch (type) {
+    case at::kFloat:
+      return kFloat32;
+    case at::kHalf:
+      return kFloat16;
+    case at::kBFloat16:
+      return kBFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", type);
+  return kFloat32;  // not reached
+}
+
+void* current_stream(const at::Tensor& on) {
+  const c10::impl::VirtualGuardImpl guard_impl(c10::DeviceType::CUDA);
+  return guard_impl.getStream(on.device()).native_handle();
+}
+
+void check_launch(int status, const char* kernel) {
+  TORCH_CHECK(status == 0, "squeeze_cuda: launching ", kernel, " failed: ", error_string(status));
+}
+
+void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.device() == like.device(), what, " is on ", t.device(), " but the activations are on ",
+              like.device());
+}
+
+// Checks qweight [ceil(in/32)*bits, out] int32 and lookup_table [out, 2**bits]; returns out.
+int64_t check_packed(const at::Tensor& qweight, const at::Tensor& lut, int64_t bits, int64_t in_features) {
+  TORCH_CHECK(bits >= 2 && bits <= 4, "squeeze_cuda kernels take 2, 3 or 4-bit codes, got ", bits);
+  TORCH_CHECK(in_features > 0 && in_features <= INT32_MAX, "in_features out of range: ", in_features);
+  const int64_t groups = (in_features + kGroupSize - 1) / kGroupSize;
+  TORCH_CHECK(groups <= kMaxGridY * kDequantGroupsPerBlock, "in_features ", in_features,
+              " is larger than the kernels' grid allows");
+  TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == at::kInt && qweight.dim() == 2 &&
+                  qweight.size(0) == groups * bits,
+              "qweight must be a CUDA int32 [", groups * bits, ", out] tensor for ", in_features, " ", bits,
+              "-bit inputs, got ", qweight.scalar_type(), " ", qweight.sizes(), " on ", qweight.device());
+  const int64_t out_features = qweight.size(1);
+  TORCH_CHECK(out_features <= INT32_MAX, "out_features out of range: ", out_features);
+  TORCH_CHECK(lut.dim() == 2 && lut.size(0) == out_features && lut.size(1) == (int64_t{1} << bits),
+              "lookup_table must be [", out_features, ", ", int64_t{1} << bits, "], got ", lut.sizes());
+  check_on_device(lut, qweight, "lookup_table");
+  return out_features;
+}
+
+struct Residual {
+  at::Tensor rows, cols, vals;
+  int64_t nnz = 0;
+};
+
+// The CSR residual (all three parts or none), checked and made contiguous.
+Residual check_residual(const OptionalTensor& rows, const OptionalTensor& cols, const OptionalTensor& vals,
+                        int64_t out_features, const at::Tensor& like) {
+  Residual residual;
+  const bool any = rows.has_value() || cols.has_value() || vals.has_value();
+  if (!any) return residual;
+  TORCH_CHECK(rows.has_value() && cols.has_value() && vals.has_value(),
+              "sparse_rows, sparse_cols and sparse_vals must be given together");
+  TORCH_CHECK(rows->scalar_type() == at::kInt && rows->dim() == 1 && rows->numel() == out_features + 1,
+              "sparse_rows must be int32 [", out_features + 1, "], got ", rows->scalar_type(), " ", rows->sizes());
+  TORCH_CHECK(cols->scalar_type() == at::kInt && vals->scalar_type() == at::kFloat && cols->dim() == 1 &&
+                  vals->dim() == 1 && cols->numel() == vals->numel(),
+              "sparse_cols must be int32 [nnz] and sparse_vals float32 [nnz], got ", cols->scalar_type(), " ",
+              cols->sizes(), " and ", vals->scalar_type(), " ", vals->sizes());
+  check_on_device(*rows, like, "sparse_rows");
+  check_on_device(*cols, like, "sparse_cols");
+  check_on_device(*vals, like, "sparse_vals");
+  residual.rows = rows->contiguous();
+  residual.cols = cols->contiguous();
+  residual.vals = vals->contiguous();
+  residual.nnz = vals->numel();
+  return residual;
+}
+
+// x [rows, in] -> [rows, out] in x's dtype: LUT mat-vec plus residual plus bias, summed in float32.
+at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lookup_table, int64_t bits,
+                    int64_t in_features, const OptionalTensor& sparse_rows, const OptionalTensor& sparse_cols,
+                    const OptionalTensor& sparse_vals, const OptionalTensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [rows, ", in_features, "], got ", x.sizes());
+  const int64_t out_features = check_packed(qweight, lookup_table, bits, in_features);
+  check_on_device(qweight, x, "qweight");
+  const int x_dtype = dtype_code(x.scalar_type(), "x");
+  const int lut_dtype = dtype_code(lookup_table.scalar_type(), "lookup_table");
+  const Residual residual = check_residual(sparse_rows, sparse_cols, sparse_vals, out_features, x);
+  const c10::DeviceGuard device_guard(x.device());
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor lut = lookup_table.contiguous();
+  const int64_t rows = x.size(0);
+  // Partial sums of the split-K blocks are added atomically, so y starts as the bias (or zero).
+  // A fresh buffer always: the kernels add into it, and the bias itself must stay untouched.
+  at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_features, "bias must be [", out_features, "], got ",
+                bias->sizes());
+    check_on_device(*bias, x, "bias");
+    y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
+  } else {
+    y.zero_();
+  }
+  void* stream = current_stream(x);
+  const int64_t row_bytes = in_features * static_cast<int64_t>(xc.element_size());
+  for (int64_t first = 0; first < rows; first += kMaxGemvRows) {
+    const int chunk = static_cast<int>(std::min<int64_t>(kMaxGemvRows, rows - first));
+    const void* x_chunk = static_cast<const char*>(xc.data_ptr()) + first * row_bytes;
+    float* y_chunk = y.data_ptr<float>() + first * out_features;
+    check_launch(launch_lut_gemv(x_chunk, x_dtype, chunk, static_cast<int>(in_features), q.data_ptr<int32_t>(),
+                                 static_cast<int>(out_features), static_cast<int>(bits), lut.data_ptr(), lut_dtype,
+                                 y_chunk, stream),
+                 "lut_gemv");
+    if (residual.nnz > 0) {
+      check_launch(launch_csr_gemv(x_chunk, x_dtype, chunk, static_cast<int>(in_features),
+                                   residual.rows.data_ptr<int32_t>(), residual.cols.data_ptr<int32_t>(),
+                                   residual.vals.data_ptr<float>(), residual.nnz, static_cast<int>(out_features),
+                                   y_chunk, stream),
+                   "csr_gemv");
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// The effective weight, transposed: [in_features, out] in `dtype` (dense LUT part plus residual).
+at::Tensor lut_dequantize(const at::Tensor& qweight, const at::Tensor& lookup_table, int64_t bits,
+                          int64_t in_features, const OptionalTensor& sparse_rows, const OptionalTensor& sparse_cols,
+                          const OptionalTensor& sparse_vals, at::ScalarType dtype) {
+  const int64_t out_features = check_packed(qweight, lookup_table, bits, in_features);
+  const int out_dtype = dtype_code(dtype, "dtype");
+  const int lut_dtype = dtype_code(lookup_table.scalar_type(), "lookup_table");
+  const Residual residual = check_residual(sparse_rows, sparse_cols, sparse_vals, out_features, qweight);
+  const c10::DeviceGuard device_guard(qweight.device());
+
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor lut = lookup_table.contiguous();
+  at::Tensor weight_t = at::empty({in_features, out_features}, qweight.options().dtype(dtype));
+  void* stream = current_stream(qweight);
+  check_launch(launch_lut_dequantize(q.data_ptr<int32_t>(), static_cast<int>(in_features),
+                                     static_cast<int>(out_features), static_cast<int>(bits), lut.data_ptr(),
+                                     lut_dtype, weight_t.data_ptr(), out_dtype, stream),
+               "lut_dequantize");
+  if (residual.nnz > 0) {
+    check_launch(launch_csr_scatter_add(residual.rows.data_ptr<int32_t>(), residual.cols.data_ptr<int32_t>(),
+                                        residual.vals.data_ptr<float>(), residual.nnz,
+                                        static_cast<int>(in_features), static_cast<int>(out_features),
+                                        weight_t.data_ptr(), out_dtype, stream),
+                 "csr_scatter_add");
+  }
+  return weight_t;
+}
+
+}  // namespace
+}  // namespace squeeze_cuda
+
+TORCH_LIBRARY_IMPL(squeeze_cuda, CUDA, m) {
+  m.impl("lut_gemv", &squeeze_cuda::lut_gemv);
+  m.impl("lut_dequantize", &squeeze_cuda::lut_dequantize);
+}
