@@ -315,3 +315,12 @@ def test_build_kernels_reports_why_cuda_is_unavailable():
     results = build_kernels(["cuda"])
     assert results["cuda"]
     assert describe_build(results).startswith("cuda kernels: unavailable: ")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the benchmark would measure")
+def test_benchmark_refuses_to_write_numbers_without_gpu(monkeypatch, capsys):
+    from bench import kernels as bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "update_section", lambda *a, **k: pytest.fail("wrote BENCHMARKS.md"))
+    assert bench_kernels.main([]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().out
