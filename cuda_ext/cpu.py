@@ -13,6 +13,7 @@ Use ``cuda_ext.load("cpu")`` (or ``is_available("cpu")``) first; the functions b
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -40,11 +41,12 @@ def _cpu_flags() -> set[str]:
 
 def compile_flags() -> list[str]:
     """-O3 and OpenMP, plus AVX2/FMA/F16C only when this CPU has them (never -march=native,
-    so a cached build stays valid on any CPU with the same flags: the cache key includes them)."""
+    so a cached build stays valid on any CPU with the same flags: the cache key includes them).
+    ``SQUEEZE_CPU_SIMD=0`` builds the portable scalar loops instead."""
     flags = ["-O3"]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")
-    if {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if os.environ.get("SQUEEZE_CPU_SIMD", "1") != "0" and {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
@@ -60,9 +62,14 @@ def missing_requirement() -> str | None:
 def build() -> str:
     """Compile (once per machine; cached) and load the library; register the fake implementations."""
     flags = compile_flags()
+    global _lut_matmul_op
     path = jit.build("squeeze_cpu", [SOURCE], flags, ["-fopenmp"] if "-fopenmp" in flags else [])
     _register_fakes()
+    _lut_matmul_op = torch.ops.squeeze.lut_matmul_cpu.default  # resolved once: ~1 us less per call
     return path
+
+
+_lut_matmul_op = None
 
 
 def _register_fakes() -> None:
@@ -85,8 +92,9 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
                sparse_rows: torch.Tensor | None, sparse_cols: torch.Tensor | None, sparse_vals: torch.Tensor | None,
                bias: torch.Tensor | None, max_matvec_rows: int = MAX_MATVEC_ROWS) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype; shapes and dtypes as ``core.kernels.lut_matmul``."""
-    return torch.ops.squeeze.lut_matmul_cpu(x, qweight, lookup_table, bits, in_features, sparse_rows,
-                                            sparse_cols, sparse_vals, bias, max_matvec_rows)
+    op = _lut_matmul_op or torch.ops.squeeze.lut_matmul_cpu.default
+    return op(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals, bias,
+              max_matvec_rows)
 
 
 def dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,

@@ -1,0 +1,260 @@
+"""Decode and prefill speed and peak memory of the demo model on the CPU: fp32, bf16, 4-bit and 3-bit.
+
+python -m bench.cpu_inference [--new-tokens 64] [--prefill 512] [--repeats 1] [--skip-reference]
+
+Quantizes the demo model (3/4-bit, dense-only and dense-and-sparse) once with a random positive
+Fisher (speed does not depend on it) into a cached folder, then measures every variant in its own
+subprocess, so each peak resident memory (ru_maxrss) is that model's alone: the quantized ones
+are loaded with core.checkpoint.load_quantized, which never materialises dense weights.
+Decode: greedy, KV cache, batch 1, ``--new-tokens`` after a short prompt (tokens/s from the
+median step, the original SqueezeLLM's measure, and from the total). Prefill: one forward of
+``--prefill`` tokens (best of two). Also times the kernel's mat-vec path against its dequantize +
+GEMM path to pick the crossover. Writes the "cpu" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import machine_line, update_section
+
+DENSE = {"fp32 original": torch.float32, "bf16": torch.bfloat16}
+QUANTIZED = {  # label -> (bits, dense-only?)
+    "4-bit dense-only": (4, True),
+    "4-bit dense-and-sparse (0.45% + 0.05%)": (4, False),
+    "3-bit dense-only": (3, True),
+    "3-bit dense-and-sparse (0.45% + 0.05%)": (3, False),
+}
+REFERENCE_OF = "4-bit dense-and-sparse (0.45% + 0.05%)"
+REFERENCE = "4-bit dense-and-sparse, torch reference (no kernel)"
+
+
+def quant_config(bits: int, dense_only: bool):
+    from core.config import OutlierConfig, QuantConfig
+
+    if dense_only:
+        return QuantConfig(bits=bits, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0)
+    return QuantConfig(bits=bits)
+
+
+def quantized_folders(workdir: Path) -> dict[str, Path]:
+    """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused."""
+    from core.checkpoint import save_quantized
+    from core.models import load_model, quantizable_linears
+    from core.progress import run_to_end
+    from core.quantize import quantize_model
+
+    folders = {}
+    for label, (bits, dense_only) in QUANTIZED.items():
+        folder = workdir / f"demo-{bits}bit-{'dense' if dense_only else 'sparse'}"
+        if not folder.exists():
+            print(f"quantizing the demo model: {label}", flush=True)
+            loaded = load_model("demo")
+            g = torch.Generator().manual_seed(0)
+            fisher = {name: torch.rand(lin.weight.shape, generator=g) + 1e-3
+                      for name, lin in quantizable_linears(loaded.model).items()}
+            run_to_end(quantize_model(loaded.model, quant_config(bits, dense_only), fisher))
+            run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}))
+        folders[label] = folder
+    return folders
+
+
+# ---------------------------------------------------------------- worker (one subprocess per variant)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@torch.inference_mode()
+def decode_steps(model, prompt: torch.Tensor, new_tokens: int) -> list[float]:
+    """Seconds of each greedy step after the prompt (batch 1, KV cache)."""
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    steps = []
+    for _ in range(new_tokens):
+        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        out = model(input_ids=next_id, past_key_values=out.past_key_values, use_cache=True)
+        out.logits[:, -1].argmax(-1)
+        steps.append(time.perf_counter() - t0)
+    return steps
+
+
+@torch.inference_mode()
+def prefill_seconds(model, length: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids[:, :64], use_cache=True, logits_to_keep=1)  # warm-up
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def worker(spec: dict) -> dict:
+    """Load one variant, measure; the peak RSS is read after load + chat decode, before prefill."""
+    if spec["kind"] == "runtime":  # the imports alone: what every variant pays before its weights
+        import transformers  # noqa: F401
+
+        import core.checkpoint  # noqa: F401
+
+        return {"peak_rss": peak_rss_bytes()}
+    t0 = time.perf_counter()
+    if spec["kind"] == "dense":
+        from core.models import load_model
+
+        loaded = load_model("demo", dtype=getattr(torch, spec["dtype"]))
+    else:
+        from core.checkpoint import load_quantized
+
+        loaded = load_quantized(spec["folder"])
+    load_s = time.perf_counter() - t0
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt = tokenizer("The history of the city begins in the", return_tensors="pt").input_ids
+    decode_steps(model, prompt, 4)  # warm-up (first calls allocate, load the kernel library)
+    steps = decode_steps(model, prompt, spec["new_tokens"])
+    rss = peak_rss_bytes()
+    prefill = prefill_seconds(model, spec["prefill"], model.config.vocab_size)
+    median = sorted(steps)[len(steps) // 2]
+    return {"load_s": load_s, "decode_median": 1 / median, "decode_total": len(steps) / sum(steps),
+            "prefill": spec["prefill"] / prefill, "peak_rss": rss}
+
+
+def run_worker(spec: dict, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "bench.cpu_inference", "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the kernel's two paths
+
+
+def crossover(rows_list=(1, 2, 4, 8, 12, 16, 32)) -> list[tuple]:
+    """(bits, shape, rows, mat-vec us, dequantize+GEMM us, fp32 F.linear us) on demo-sized layers."""
+    from cuda_ext import cpu
+    from core.packing import pack_codes
+
+    results = []
+    for bits in (4, 3):
+        for in_f, out_f in ((576, 1536), (1536, 576)):
+            q = pack_codes(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8), bits)
+            lut = torch.randn(out_f, 1 << bits).half()
+            dense = torch.randn(out_f, in_f)
+            for rows in rows_list:
+                x = torch.randn(rows, in_f)
+                t = [_best_us(lambda: cpu.lut_matmul(x, q, lut, bits, in_f, None, None, None, None, 64)),
+                     _best_us(lambda: cpu.lut_matmul(x, q, lut, bits, in_f, None, None, None, None, 0)),
+                     _best_us(lambda: torch.nn.functional.linear(x, dense))]
+                results.append((bits, (in_f, out_f), rows, *t))
+    return results
+
+
+def _best_us(fn, repeats: int = 7, inner: int = 20) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best * 1e6
+
+
+# ---------------------------------------------------------------- report
+
+
+def load_line() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def format_mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def markdown(results: dict[str, dict], runtime_rss: int, cross: list[tuple], args, loads: tuple[str, str]) -> str:
+    base = results["fp32 original"]
+    lines = [
+        "## CPU inference: decode, prefill and memory of the demo model", "", machine_line(), "",
+        f"All variants measured one after another in one run, each in its own process ({loads[0]} before, "
+        f"{loads[1]} after: the machine was shared, so absolute numbers drift; the ratios are the point). "
+        f"Decode: greedy, KV cache, batch 1, {args.new_tokens} new tokens after a 9-token prompt; tok/s from the "
+        f"median step (and from the total time). Prefill: one {args.prefill}-token forward, best of two. Peak RSS: "
+        f"ru_maxrss after loading and decoding (the chat case); the Python + torch + transformers runtime alone "
+        f"takes {format_mib(runtime_rss)}, the last column subtracts it. Quantized models are loaded from their "
+        "saved folders (core.checkpoint.load_quantized); embeddings and lm_head (tied) stay fp32.", "",
+        "| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS | % of fp32 | above runtime |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        lines.append(
+            f"| {label} | {r['decode_median']:.1f} ({r['decode_total']:.1f}) | "
+            f"{r['decode_median'] / base['decode_median']:.2f} | {r['prefill']:.0f} | "
+            f"{r['prefill'] / base['prefill']:.2f} | {format_mib(r['peak_rss'])} | "
+            f"{100 * r['peak_rss'] / base['peak_rss']:.0f}% | {format_mib(r['peak_rss'] - runtime_rss)} |")
+    lines += ["", "Kernel paths on one layer (microseconds per call, best of 7; fp16 LUT, no sparse part; "
+              "F.linear on a dense fp32 weight that stays in cache, unlike in the model). Rows up to "
+              "`cuda_ext.cpu.MAX_MATVEC_ROWS` take the mat-vec path:", "",
+              "| bits | in x out | rows | mat-vec | dequantize + GEMM | fp32 F.linear |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {b} | {s[0]} x {s[1]} | {r} | {mv:.0f} | {gm:.0f} | {fp:.0f} |" for b, s, r, mv, gm, fp in cross]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--skip-reference", action="store_true", help="skip the slow torch-reference row")
+    parser.add_argument("--crossover-only", action="store_true", help="only time the kernel's two paths")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the quantized folders are cached")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    import cuda_ext
+
+    if not cuda_ext.is_available("cpu"):
+        sys.exit(f"the CPU kernel is unavailable: {cuda_ext.unavailable_reason('cpu')}")
+    cross = crossover()
+    for row in cross:
+        print("bits %d %s rows %2d: mat-vec %7.0f us, dequantize+GEMM %7.0f us, fp32 %7.0f us" % row)
+    if args.crossover_only:
+        return
+    from cuda_ext.jit import cache_root
+
+    workdir = args.workdir or cache_root().parent.parent / "bench"
+    folders = quantized_folders(workdir)
+    common = {"new_tokens": args.new_tokens, "prefill": args.prefill}
+    before = load_line()
+    runtime_rss = run_worker({"kind": "runtime"})["peak_rss"]
+    results: dict[str, dict] = {}
+    for label, dtype in DENSE.items():
+        results[label] = run_worker({"kind": "dense", "dtype": str(dtype).removeprefix("torch."), **common})
+        print(label, results[label], flush=True)
+    for label, folder in folders.items():
+        results[label] = run_worker({"kind": "quantized", "folder": str(folder), **common})
+        print(label, results[label], flush=True)
+    if not args.skip_reference:
+        results[REFERENCE] = run_worker({"kind": "quantized", "folder": str(folders[REFERENCE_OF]), **common},
+                                        env={"SQUEEZE_KERNELS": "torch"})
+        print(REFERENCE, results[REFERENCE], flush=True)
+    text = markdown(results, runtime_rss, cross, args, (before, load_line()))
+    update_section("cpu", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
