@@ -19,9 +19,13 @@ enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaxGemvRows = 8;
 // Inputs per packing group: 32 codes of `bits` bits fill `bits` int32 words (core/packing.py).
 constexpr int kGroupSize = 32;
-// Packing groups (of 32 inputs) one mat-vec block reduces: more groups reload the block's LUT
-// less often, fewer make more blocks. 16 (512 inputs) is an estimate to be tuned on a GPU.
-constexpr int kGemvGroupsPerBlock = 16;
+// Packing groups (of 32 inputs) one mat-vec block reduces, chosen per launch between these
+// bounds: the largest that still gives kGemvTargetBlocksPerSm blocks per multiprocessor (enough
+// resident warps to keep DRAM busy). Fewer groups per block cost extra LUT staging (from L2,
+// the LUT is small) and atomics; more cost parallelism. Estimates, to be tuned on a GPU.
+constexpr int kGemvMaxGroupsPerBlock = 16;
+constexpr int kGemvMinGroupsPerBlock = 2;
+constexpr int kGemvTargetBlocksPerSm = 6;
 // Packing groups one dequantize block expands (amortises loading the block's LUT slice).
 constexpr int kDequantGroupsPerBlock = 8;
 // CUDA's limit on gridDim.y, which counts the blocks along the input dimension: the binding

@@ -14,7 +14,6 @@ namespace {
 // (128 contiguous bytes), and the block's LUT slice sits level-major in shared memory so that
 // a warp's LUT reads hit 32 different banks.
 constexpr int kGemvThreads = 128;
-constexpr int kGemvInputs = kGemvGroupsPerBlock * kGroupSize;
 // The BITS words of packing group g of one output column (stride out_features between words).
 template <int BITS>
 __device__ __forceinline__ void load_group_words(const uint32_t* __restrict__ column, int g, int out_features,
@@ -25,22 +24,31 @@ __device__ __forceinline__ void load_group_words(const uint32_t* __restrict__ co
   }
 }
 
-// grid (ceil(out / kGemvThreads), ceil(groups / kGemvGroupsPerBlock)); each block reduces its
+// Dynamic shared memory of one mat-vec block: the LUT slice and the staged activations.
+template <int BITS, int ROWS>
+constexpr size_t gemv_shared_bytes(int groups_per_block) {
+  return sizeof(float) * ((size_t{1} << BITS) * kGemvThreads + size_t{ROWS} * groups_per_block * kGroupSize);
+}
+
+// grid (ceil(out / kGemvThreads), ceil(groups / groups_per_block)); each block reduces its
 // slice of inputs for its columns and atomically adds the partial sums into y (float32).
 template <int BITS, int ROWS>
 __global__ void __launch_bounds__(kGemvThreads)
 lut_gemv_kernel(const void* __restrict__ x, int x_dtype, int in_features, const uint32_t* __restrict__ qweight,
-                int out_features, const void* __restrict__ lut, int lut_dtype, float* __restrict__ y) {
+                int out_features, const void* __restrict__ lut, int lut_dtype, int groups_per_block,
+                float* __restrict__ y) {
   constexpr int kLevels = 1 << BITS;
-  __shared__ float deq[kLevels * kGemvThreads];
-  __shared__ float xs[ROWS * kGemvInputs];
+  extern __shared__ float shared[];
+  float* deq = shared;                          // [level][thread]
+  float* xs = shared + kLevels * kGemvThreads;  // [row][input of the slice]
+  const int slice = groups_per_block * kGroupSize;
 
   const int t = threadIdx.x;
   const int n = blockIdx.x * kGemvThreads + t;
   const bool column_in_range = n < out_features;
   const int groups = (in_features + kGroupSize - 1) / kGroupSize;
-  const int g_begin = blockIdx.y * kGemvGroupsPerBlock;
-  const int g_end = min(groups, g_begin + kGemvGroupsPerBlock);
+  const int g_begin = blockIdx.y * groups_per_block;
+  const int g_end = min(groups, g_begin + groups_per_block);
   const int k_begin = g_begin * kGroupSize;
 
   SQZ_UNROLL
@@ -49,9 +57,9 @@ lut_gemv_kernel(const void* __restrict__ x, int x_dtype, int in_features, const 
         column_in_range ? load_as_float(lut, lut_dtype, static_cast<int64_t>(n) * kLevels + level) : 0.f;
   }
   // Inputs past in_features meet the padding codes (0): they must contribute exactly zero.
-  for (int i = t; i < ROWS * kGemvInputs; i += kGemvThreads) {
-    const int row = i / kGemvInputs;
-    const int k = k_begin + i % kGemvInputs;
+  for (int i = t; i < ROWS * slice; i += kGemvThreads) {
+    const int row = i / slice;
+    const int k = k_begin + i % slice;
     xs[i] = k < in_features ? load_as_float(x, x_dtype, static_cast<int64_t>(row) * in_features + k) : 0.f;
   }
   __syncthreads();
@@ -71,8 +79,7 @@ lut_gemv_kernel(const void* __restrict__ x, int x_dtype, int in_features, const 
   load_group_words<BITS>(column, g_begin, out_features, current);
   for (int g = g_begin; g < g_end; ++g) {
     if (g + 1 < g_end) load_group_words<BITS>(column, g + 1, out_features, next);
-    accumulate_group<BITS, ROWS>(current, deq + t, kGemvThreads, xs + (g - g_begin) * kGroupSize, kGemvInputs,
-                                 acc);
+    accumulate_group<BITS, ROWS>(current, deq + t, kGemvThreads, xs + (g - g_begin) * kGroupSize, slice, acc);
     SQZ_UNROLL
     for (int j = 0; j < BITS; ++j) current[j] = next[j];
   }
@@ -126,13 +133,15 @@ csr_gemv_kernel(const void* __restrict__ x, int x_dtype, int rows, int in_featur
 
 #define SQZ_GEMV_ROWS_CASE(BITS, ROWS)                                                                    \
   case ROWS:                                                                                              \
-    lut_gemv_kernel<BITS, ROWS><<<grid, kGemvThreads, 0, stream>>>(x, x_dtype, in_features, qweight,     \
-                                                                   out_features, lut, lut_dtype, y);      \
+    lut_gemv_kernel<BITS, ROWS><<<grid, kGemvThreads, gemv_shared_bytes<BITS, ROWS>(groups_per_block),    \
+                                  stream>>>(x, x_dtype, in_features, qweight, out_features, lut, lut_dtype, \
+                                            groups_per_block, y);                                          \
     return true;
 
 template <int BITS>
-bool launch_gemv_for_bits(int rows, dim3 grid, cudaStream_t stream, const void* x, int x_dtype, int in_features,
-                          const uint32_t* qweight, int out_features, const void* lut, int lut_dtype, float* y) {
+bool launch_gemv_for_bits(int rows, dim3 grid, int groups_per_block, cudaStream_t stream, const void* x,
+                          int x_dtype, int in_features, const uint32_t* qweight, int out_features, const void* lut,
+                          int lut_dtype, float* y) {
   switch (rows) {
     SQZ_GEMV_ROWS_CASE(BITS, 1)
     SQZ_GEMV_ROWS_CASE(BITS, 2)
@@ -148,29 +157,49 @@ bool launch_gemv_for_bits(int rows, dim3 grid, cudaStream_t stream, const void* 
 }
 #undef SQZ_GEMV_ROWS_CASE
 
+// The largest groups-per-block (a power of two within the bounds) that still makes
+// kGemvTargetBlocksPerSm blocks per multiprocessor, and never more than kMaxGridY block rows.
+int gemv_groups_per_block(int groups, int column_blocks) {
+  int device = 0;
+  int multiprocessors = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    multiprocessors = 1;
+  }
+  const int64_t target_blocks = static_cast<int64_t>(kGemvTargetBlocksPerSm) * multiprocessors;
+  int per_block = kGemvMaxGroupsPerBlock;
+  while (per_block > kGemvMinGroupsPerBlock &&
+         static_cast<int64_t>(column_blocks) * ((groups + per_block - 1) / per_block) < target_blocks) {
+    per_block /= 2;
+  }
+  while (per_block < kGemvMaxGroupsPerBlock && (groups + per_block - 1) / per_block > kMaxGridY) per_block *= 2;
+  return per_block;
+}
+
 }  // namespace
 
 int launch_lut_gemv(const void* x, int x_dtype, int rows, int in_features, const int32_t* qweight,
                     int out_features, int bits, const void* lut, int lut_dtype, float* y, void* stream) {
   if (rows <= 0 || in_features <= 0 || out_features <= 0) return static_cast<int>(cudaSuccess);
   const int groups = (in_features + kGroupSize - 1) / kGroupSize;
-  const dim3 grid((out_features + kGemvThreads - 1) / kGemvThreads,
-                  (groups + kGemvGroupsPerBlock - 1) / kGemvGroupsPerBlock);
+  const int column_blocks = (out_features + kGemvThreads - 1) / kGemvThreads;
+  const int groups_per_block = gemv_groups_per_block(groups, column_blocks);
+  const dim3 grid(column_blocks, (groups + groups_per_block - 1) / groups_per_block);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   const auto words = reinterpret_cast<const uint32_t*>(qweight);
   bool launched = false;
   switch (bits) {
     case 2:
-      launched = launch_gemv_for_bits<2>(rows, grid, cuda_stream, x, x_dtype, in_features, words, out_features,
-                                         lut, lut_dtype, y);
+      launched = launch_gemv_for_bits<2>(rows, grid, groups_per_block, cuda_stream, x, x_dtype, in_features,
+                                         words, out_features, lut, lut_dtype, y);
       break;
     case 3:
-      launched = launch_gemv_for_bits<3>(rows, grid, cuda_stream, x, x_dtype, in_features, words, out_features,
-                                         lut, lut_dtype, y);
+      launched = launch_gemv_for_bits<3>(rows, grid, groups_per_block, cuda_stream, x, x_dtype, in_features,
+                                         words, out_features, lut, lut_dtype, y);
       break;
     case 4:
-      launched = launch_gemv_for_bits<4>(rows, grid, cuda_stream, x, x_dtype, in_features, words, out_features,
-                                         lut, lut_dtype, y);
+      launched = launch_gemv_for_bits<4>(rows, grid, groups_per_block, cuda_stream, x, x_dtype, in_features,
+                                         words, out_features, lut, lut_dtype, y);
       break;
     default:
       break;

@@ -99,9 +99,13 @@ def _run(command: list[str]) -> tuple[int, str]:
 
 
 def _nvcc_command(source: Path, out_dir: Path) -> list[str]:
+    """nvcc as torch's JIT build calls it (its half/bfloat16 no-conversion defines included)."""
+    from torch.utils import cpp_extension
+
+    torch_flags = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
     gencode = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
     return [NVCC, "-c", str(source), "-o", str(out_dir / f"{source.stem}.o"), "-std=c++17", "-O3",
-            "-Xcompiler", "-fPIC", f"-I{CSRC}", *_torch_include_flags(), *gencode]
+            "-Xcompiler", "-fPIC", *torch_flags, f"-I{CSRC}", *_torch_include_flags(), *gencode]
 
 
 @pytest.fixture(scope="module")
