@@ -103,10 +103,14 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+from core.cli_use import configure_chat, configure_eval, run_chat, run_eval  # noqa: E402
+
 COMMANDS = {
     "quantize": ("Quantize a model with SqueezeLLM (or a baseline) into a folder.", _configure_quantize,
                  _run_quantize),
     "inspect": ("Per-layer outliers and sensitive counts for a setting, without quantizing.", _configure_inspect,
                 _run_inspect),
     "info": ("Settings, size and bits per weight of a quantized folder.", _configure_info, _run_info),
+    "eval": ("Perplexity of models and quantized folders on identical windows.", configure_eval, run_eval),
+    "chat": ("Talk to a model or a quantized folder in the terminal (reads stdin).", configure_chat, run_chat),
 }
