@@ -2,8 +2,10 @@
 
 * every ``cuda_ext/csrc/*.cu`` compiles with nvcc to an object file for sm_80 and sm_90
   (the .cu files need only the CUDA headers; torch's include paths are passed as well);
-* the torch binding ``lut_cuda_ops.cpp`` passes g++ ``-fsyntax-only`` against torch's headers
-  (it uses no c10/cuda header, so a CPU-only torch wheel is enough);
+* the torch binding ``lut_cuda_ops.cpp`` compiles with g++ against torch's headers (it uses no
+  c10/cuda header, so a CPU-only torch wheel is enough) and links, with stub launchers, into a
+  library that loads and registers CUDA kernels for the ops ``cuda_ext.ops`` defines (so the
+  C++ signatures match the schemas);
 * ``lut_decode.cuh`` (the bit decoding and per-group multiply-accumulate the kernels run) is
   built for the host with g++ and compared with ``core.packing`` / ``core.kernels``.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,6 +86,31 @@ extern "C" unsigned sqz_code(int bits, const uint32_t* words, int k) {
 """
 
 
+# Launchers that do nothing: enough to link the binding and check its op registration.
+_LAUNCHER_STUBS = r"""
+#include "lut_cuda.h"
+namespace squeeze_cuda {
+int launch_lut_gemv(const void*, int, int, int, const int32_t*, int, int, const void*, int, float*, void*) { return 0; }
+int launch_csr_gemv(const void*, int, int, int, const int32_t*, const int32_t*, const float*, int64_t, int, float*,
+                    void*) { return 0; }
+int launch_lut_dequantize(const int32_t*, int, int, int, const void*, int, void*, int, void*) { return 0; }
+int launch_csr_scatter_add(const int32_t*, const int32_t*, const float*, int64_t, int, int, void*, int, void*) {
+  return 0;
+}
+const char* error_string(int) { return "stub"; }
+}  // namespace squeeze_cuda
+"""
+
+_LOAD_CHECK = """
+import sys, torch
+import cuda_ext.ops  # defines the schemas
+torch.ops.load_library(sys.argv[1])
+for op in ("lut_gemv", "lut_dequantize"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"squeeze_cuda::{op}", "CUDA"), op
+print("registered")
+"""
+
+
 def _torch_include_flags() -> list[str]:
     from torch.utils import cpp_extension
 
@@ -108,6 +136,16 @@ def _nvcc_command(source: Path, out_dir: Path) -> list[str]:
             "-Xcompiler", "-fPIC", *torch_flags, f"-I{CSRC}", *_torch_include_flags(), *gencode]
 
 
+def _binding_command(stubs: Path, library: Path) -> list[str]:
+    """g++ building the binding (-O0: this checks compiling and linking, not speed) with the stubs."""
+    from torch.utils import cpp_extension
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    link = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    return [GXX, "-shared", "-fPIC", "-O0", "-std=c++20", abi, f"-I{CSRC}", *_torch_include_flags(),
+            str(CSRC / "lut_cuda_ops.cpp"), str(stubs), *link, "-o", str(library)]
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory) -> dict[str, tuple[int, str]]:
     """name -> (return code, compiler output tail) of every compile, run in parallel."""
@@ -116,8 +154,9 @@ def builds(tmp_path_factory) -> dict[str, tuple[int, str]]:
     if NVCC:
         jobs.update({source.name: _nvcc_command(source, out_dir) for source in CU_SOURCES})
     if GXX:
-        jobs["lut_cuda_ops.cpp"] = [GXX, "-fsyntax-only", "-std=c++20", f"-I{CSRC}", *_torch_include_flags(),
-                                    str(CSRC / "lut_cuda_ops.cpp")]
+        stubs = out_dir / "launcher_stubs.cpp"
+        stubs.write_text(_LAUNCHER_STUBS)
+        jobs["lut_cuda_ops.cpp"] = _binding_command(stubs, out_dir / "binding_with_stubs.so")
         shim = out_dir / "host_shim.cpp"
         shim.write_text(_HOST_SHIM)
         jobs["host_shim"] = [GXX, "-O1", "-std=c++17", "-shared", "-fPIC", f"-I{CSRC}", str(shim),
@@ -141,9 +180,14 @@ def test_cuda_sources_exist():
 
 
 @pytest.mark.skipif(GXX is None, reason="g++ is not installed")
-def test_torch_binding_compiles_against_torch_headers(builds):
+def test_torch_binding_compiles_links_and_registers_the_ops(builds):
     code, output = builds["lut_cuda_ops.cpp"]
     assert code == 0, f"g++ failed on lut_cuda_ops.cpp:\n{output}"
+    library = Path(builds["_dir"][1]) / "binding_with_stubs.so"
+    # A separate process: the stub kernels must never be registered where real ones may load.
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(library)], capture_output=True, text=True,
+                          timeout=300, cwd=CSRC.parents[1])
+    assert done.returncode == 0 and "registered" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
