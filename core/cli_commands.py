@@ -103,6 +103,18 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=("cpu", "cuda", "all"), default="all", help="which kernels to build")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from cuda_ext.build import KINDS, build_kernels, describe_build
+
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    print(describe_build(build_kernels(kinds)))
+    return 0  # a kernel that cannot be built here is not an error: the torch path serves
+
+
 from core.cli_use import configure_chat, configure_eval, run_chat, run_eval  # noqa: E402
 
 COMMANDS = {
@@ -112,5 +124,7 @@ COMMANDS = {
                 _run_inspect),
     "info": ("Settings, size and bits per weight of a quantized folder.", _configure_info, _run_info),
     "eval": ("Perplexity of models and quantized folders on identical windows.", configure_eval, run_eval),
+    "build-kernels": ("Compile the optional CPU/CUDA kernels now instead of on first use.", _configure_build,
+                      _run_build),
     "chat": ("Talk to a model or a quantized folder in the terminal (reads stdin).", configure_chat, run_chat),
 }
