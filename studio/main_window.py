@@ -201,7 +201,7 @@ class MainWindow(QMainWindow):
             event.ignore()  # closed again once the job has stopped cleanly
             return
         self._save_state()
-        self.runner.wait(5000)  # light previews finish in milliseconds
+        self.runner.shutdown()  # light previews end within milliseconds
         event.accept()
 
     def _save_state(self) -> None:

@@ -106,6 +106,7 @@ class JobRunner(QObject):
         self.worker: _JobWorker | None = None
         self.title = ""
         self._light: set = set()
+        self._closed = False
 
     @property
     def busy(self) -> bool:
@@ -152,14 +153,23 @@ class JobRunner(QObject):
                   on_end: Callable[[], None] | None = None) -> None:
         """Run a short function beside the heavy job; its result reaches ``on_result`` on the GUI thread,
         then ``on_end()`` runs whatever happened."""
+        if self._closed:
+            return
         worker = create_worker(function, *args, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(on_result)
-        worker.errored.connect(lambda exc: self.reporter.report(exc, action))
+        # after shutdown the pages that asked may be gone: their callbacks are dropped
+        worker.returned.connect(lambda value: None if self._closed else on_result(value))
+        worker.errored.connect(lambda exc: None if self._closed else self.reporter.report(exc, action))
         worker.finished.connect(lambda: self._light.discard(worker))
         if on_end is not None:
-            worker.finished.connect(on_end)
+            worker.finished.connect(lambda: None if self._closed else on_end())
         self._light.add(worker)
         worker.start()
+
+    def shutdown(self, msecs: int = 10000) -> bool:
+        """The window is closing: start nothing more, stop what runs, wait for the threads to end."""
+        self._closed = True
+        self.cancel()
+        return self.wait(msecs)
 
     def wait(self, msecs: int = 30000) -> bool:
         """Block until every worker thread has ended (shutdown and tests); True when they did."""

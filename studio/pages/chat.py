@@ -149,6 +149,7 @@ class ChatPage(Page):
             self.titles[side].setText(loaded.name + (" (quantized)" if loaded.quantized else " (original)")
                                       if loaded is not None else "(no model: open or quantize one first)")
         self.clear()
+        self.update_actions()
 
     def _on_settings_edited(self) -> None:
         config = self.settings_form.value()

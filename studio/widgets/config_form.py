@@ -19,6 +19,14 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QLabel, Q
 EditorFactory = Callable[[dict], QWidget]
 
 
+def _unwrap_optional(hint) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a field annotation such as ``float | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and type(None) in typing.get_args(hint):
+        return args[0], True
+    return hint, False
+
+
 def _decimals(step: float) -> int:
     return max(1, min(6, -int(math.floor(math.log10(step))) if step < 1 else 1))
 
@@ -40,7 +48,7 @@ class ConfigForm(QWidget):
         self._config = config
         self._hints = typing.get_type_hints(self.cls)
         self._fields = {f.name: f for f in dataclasses.fields(self.cls)}
-        names = fields or [n for n, f in self._fields.items() if self._hints[n] in (int, float, str)]
+        names = fields or [n for n in self._fields if _unwrap_optional(self._hints[n])[0] in (int, float, str)]
         self.editors: dict[str, QWidget] = {}
         self.labels: dict[str, QLabel] = {}
         layout = QFormLayout(self)
@@ -49,7 +57,8 @@ class ConfigForm(QWidget):
         for name in names:
             meta = dict(self._fields[name].metadata)
             factory = (custom or {}).get(name)
-            editor = factory(meta) if factory else self._editor_for(meta, self._hints[name])
+            kind, optional = _unwrap_optional(self._hints[name])
+            editor = factory(meta) if factory else self._editor_for(meta, kind, optional)
             editor.setObjectName(f"field_{name}")
             label = QLabel(meta.get("label", name.replace("_", " ").capitalize()))
             for widget in (label, editor):
@@ -65,7 +74,7 @@ class ConfigForm(QWidget):
         for editor in self.editors.values():
             self._connect(editor)
 
-    def _editor_for(self, meta: dict, kind: type = str) -> QWidget:
+    def _editor_for(self, meta: dict, kind: type = str, optional: bool = False) -> QWidget:
         choices = meta.get("choices")
         if choices:
             combo = QComboBox()
@@ -74,15 +83,21 @@ class ConfigForm(QWidget):
             return combo
         if kind is int:
             spin = QSpinBox()
-            spin.setRange(int(meta.get("min", 0)), int(meta.get("max", 2**31 - 1)))
+            low = int(meta.get("min", 0))
+            spin.setRange(low - 1 if optional else low, int(meta.get("max", 2**31 - 1)))
+            if optional:
+                spin.setSpecialValueText("off")
             spin.setSingleStep(int(meta.get("step", 1)))
             return spin
         if kind is float:
             spin = QDoubleSpinBox()
             step = float(meta.get("step", 0.01))
             spin.setDecimals(_decimals(step))
-            spin.setRange(float(meta.get("min", 0.0)), float(meta.get("max", 1e9)))
+            low = float(meta.get("min", 0.0))
+            spin.setRange(low - step if optional else low, float(meta.get("max", 1e9)))
             spin.setSingleStep(step)
+            if optional:  # the lowest position means "not set" (None)
+                spin.setSpecialValueText("off")
             return spin
         return QLineEdit()
 
@@ -103,6 +118,9 @@ class ConfigForm(QWidget):
             return editor.currentData()
         if isinstance(editor, QLineEdit):
             return editor.text().strip()
+        if isinstance(editor, (QSpinBox, QDoubleSpinBox)) and editor.specialValueText() \
+                and editor.value() == editor.minimum():
+            return None
         return editor.value()  # spin boxes and custom editors
 
     @staticmethod
@@ -110,7 +128,7 @@ class ConfigForm(QWidget):
         editor.blockSignals(True)
         try:
             if isinstance(editor, (QSpinBox, QDoubleSpinBox)):
-                editor.setValue(value)
+                editor.setValue(editor.minimum() if value is None else value)
             elif isinstance(editor, QComboBox):
                 index = editor.findData(value)
                 editor.setCurrentIndex(max(0, index))

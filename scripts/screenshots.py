@@ -1,0 +1,152 @@
+"""Screenshots of every studio page, taken the way a person would get there.
+
+Opens the app (offscreen unless a display is set), loads the demo model (or a tiny random model with
+--model tiny), computes sensitivity, quantizes, evaluates and chats, and saves
+docs/screenshots/<page>.png with QWidget.grab(). Settings go to a temporary folder, so the pictures
+never show someone's recent models or old runs.
+
+    .venv/bin/python scripts/screenshots.py                 # demo model, ~15 min on 2 CPU cores
+    .venv/bin/python scripts/screenshots.py --model tiny    # seconds, for checking the layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+PAGES = ("model", "inspect", "quantize", "evaluate", "chat")
+CHAT_PROMPT = "In two sentences, why do rivers flood in spring?"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="'demo', 'tiny', or a model folder")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--samples", type=int, default=8, help="calibration windows for sensitivity")
+    parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration / evaluation window")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows")
+    parser.add_argument("--tokens", type=int, default=48, help="max new tokens in the chat")
+    parser.add_argument("--size", default="1400x900", help="window size WxH")
+    return parser.parse_args()
+
+
+def tiny_model_folder() -> str:
+    """A tiny random LLaMA with the demo tokenizer, saved to a temporary folder."""
+    from transformers import AutoTokenizer
+
+    from core.models import demo_model_dir
+    from tests.conftest import build_tiny_model
+
+    folder = Path(tempfile.mkdtemp(prefix="tiny-llama-"))
+    build_tiny_model("llama").save_pretrained(folder)
+    AutoTokenizer.from_pretrained(demo_model_dir()).save_pretrained(folder)
+    return str(folder)
+
+
+class Driver:
+    """Drives the window and waits for its jobs while the Qt event loop keeps running."""
+
+    def __init__(self, app, window) -> None:
+        self.app, self.window = app, window
+        self.errors: list[str] = []
+        window.reporter.shown.connect(self.errors.append)
+
+    def wait(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.app.processEvents()
+            if self.errors:
+                raise SystemExit(f"the app reported an error while {what}: {self.errors[-1]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out after {timeout:.0f} s while {what}")
+            time.sleep(0.02)
+
+    def run_job(self, start, what: str, timeout: float = 3600) -> None:
+        t0 = time.monotonic()
+        outcomes: list[str] = []
+        self.window.runner.finished.connect(lambda _title, outcome: outcomes.append(outcome))
+        if start() is False:
+            raise SystemExit(f"could not start {what}")
+        self.wait(lambda: bool(outcomes) and not self.window.runner.busy, timeout, what)
+        if outcomes[-1] != "done":
+            raise SystemExit(f"{what}: {outcomes[-1]}")
+        print(f"{what}: {time.monotonic() - t0:.1f} s", flush=True)
+
+    def settle(self, seconds: float = 0.5) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.app.processEvents()
+            time.sleep(0.02)
+
+    def grab(self, page: str, out: Path) -> None:
+        self.window.show_page(page)
+        self.settle(0.8)
+        path = out / f"{page}.png"
+        self.window.grab().save(str(path))
+        print(f"saved {path}", flush=True)
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ["SQUEEZE_STUDIO_HOME"] = tempfile.mkdtemp(prefix="studio-screens-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = tiny_model_folder() if args.model == "tiny" else args.model
+
+    from studio.app import create_window
+
+    app, window = create_window()
+    width, height = (int(v) for v in args.size.split("x"))
+    window.resize(width, height)
+    drive = Driver(app, window)
+    pages = window.pages
+    drive.run_job(lambda: window.open_model(spec), "loading the model")
+    drive.grab("model", args.out)
+
+    window.show_page("inspect")
+    drive.wait(lambda: window.session.stats is not None and not window.runner.busy, 1800, "analysing the weights")
+    calibration = pages["quantize"].calibration_form.editors
+    calibration["samples"].setValue(args.samples)
+    calibration["seqlen"].setValue(args.seqlen)
+    drive.run_job(pages["inspect"].compute_sensitivity, "computing sensitivity")
+    pages["inspect"].select_matrix(next(n for n in window.session.fisher if n.endswith("mlp.down_proj")))
+    drive.wait(lambda: pages["inspect"].previewer.latest is not None and not pages["inspect"].previewer.computing,
+               60, "previewing")
+    drive.grab("inspect", args.out)
+
+    window.show_page("quantize")
+    output = Path(tempfile.mkdtemp(prefix="screens-out-")) / f"{window.session.model.name}-sq4"
+    pages["quantize"].output_picker.set_value(str(output))
+    drive.run_job(pages["quantize"].start, "quantizing")
+    drive.grab("quantize", args.out)
+
+    evaluate = pages["evaluate"]
+    evaluate.eval_form.editors["windows"].setValue(args.windows)
+    evaluate.eval_form.editors["seqlen"].setValue(args.seqlen)
+    window.show_page("evaluate")
+    drive.run_job(evaluate.start, "evaluating")
+    drive.grab("evaluate", args.out)
+
+    chat = pages["chat"]
+    chat.select_mode("side")
+    chat.settings_form.editors["temperature"].setValue(0.0)
+    chat.settings_form.editors["max_new_tokens"].setValue(args.tokens)
+    chat.input_edit.setPlainText(CHAT_PROMPT)
+    window.show_page("chat")
+    drive.run_job(chat.send, "chatting")
+    drive.grab("chat", args.out)
+    window.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
