@@ -3,7 +3,8 @@ disabled while a conflicting job runs."""
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from studio.session import Session
 from studio.workers import JobRunner
@@ -12,6 +13,7 @@ from studio.workers import JobRunner
 def caption(text: str) -> QLabel:
     label = QLabel(text)
     label.setObjectName("caption")
+    label.setTextFormat(Qt.TextFormat.RichText)
     label.setWordWrap(True)
     return label
 
@@ -23,6 +25,21 @@ def group(title: str, *widgets: QWidget, tooltip: str = "") -> QGroupBox:
     for widget in widgets:
         layout.addWidget(widget)
     return box
+
+
+def align_form_labels(root: QWidget) -> None:
+    """Give every label of the (nested) form layouts under ``root`` the width of the widest one, so
+    that forms built from different configs line up as one."""
+    labels = []
+    for layout in [root.layout(), *(w.layout() for w in root.findChildren(QWidget))]:
+        if isinstance(layout, QFormLayout):
+            for row in range(layout.rowCount()):
+                item = layout.itemAt(row, QFormLayout.ItemRole.LabelRole)
+                if item is not None and isinstance(item.widget(), QLabel):
+                    labels.append(item.widget())
+    width = max((label.sizeHint().width() for label in labels), default=0)
+    for label in labels:
+        label.setMinimumWidth(width)
 
 
 class Page(QWidget):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QListWidget, QListWidgetItem,
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QListWidget, QListWidgetItem,
                                QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from core.checkpoint import is_quantized_folder, read_quantization_config
@@ -20,9 +20,15 @@ from studio.widgets.progress_panel import JobProgressPanel
 
 EVALUATE_TITLE = "Evaluating"
 ORIGINAL_KEY = "original"
-COLUMNS = (("label", "Model"), ("bits", "Bits"), ("outliers", "Outliers"), ("sensitivity", "Sensitive %"),
-           ("size", "Size"), ("bits_per_weight", "Bits / weight"), ("perplexity", "Perplexity"),
-           ("tokens_per_second", "Tokens / s"), ("seconds", "Seconds"), ("corpus", "Text"), ("date", "Date"))
+COLUMNS = (("label", "Model"), ("bits", "Bits"), ("outliers", "Outliers"), ("sensitivity", "Sens. %"),
+           ("size", "Size"), ("bits_per_weight", "Bits/w"), ("perplexity", "Perplexity"),
+           ("tokens_per_second", "Tok/s"), ("seconds", "Secs"), ("corpus", "Text"))
+COLUMN_TIPS = {"bits": "Bits of each dense code", "outliers": "Outlier setting: target share or IQR range",
+               "sensitivity": "Share of each matrix kept exactly for its sensitivity",
+               "size": "Size on disk of the model folder", "bits_per_weight": "Stored bits per quantizable weight",
+               "perplexity": "Lower is better; compare runs on the same text only",
+               "tokens_per_second": "Evaluation speed (tokens per second)", "seconds": "Evaluation time",
+               "corpus": "Evaluation text, windows × tokens"}
 
 
 def _cell(run: dict, key: str) -> str:
@@ -30,7 +36,7 @@ def _cell(run: dict, key: str) -> str:
     if key == "size":
         return human_bytes(run.get("size_bytes"))
     if key == "corpus":
-        return f"{Path(str(value)).name} ({run.get('windows')} × {run.get('seqlen')})"
+        return f"{Path(str(value)).name} {run.get('windows')}×{run.get('seqlen')}"
     if value is None:
         return "–"
     if key in ("perplexity", "bits_per_weight"):
@@ -60,10 +66,13 @@ class EvaluatePage(Page):
         self.panel = JobProgressPanel(runner, {"eval": "Perplexity"}, show_log=False)
         self.runs_table = QTableWidget(0, len(COLUMNS))
         self.runs_table.setHorizontalHeaderLabels([label for _, label in COLUMNS])
+        for c, (key, _label) in enumerate(COLUMNS):
+            self.runs_table.horizontalHeaderItem(c).setToolTip(COLUMN_TIPS.get(key, ""))
         self.runs_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.runs_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.runs_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.runs_table.verticalHeader().hide()
+        self.runs_table.horizontalHeader().setStretchLastSection(True)
         self.remove_button = QPushButton("Remove run")
         self.remove_button.setToolTip("Delete the selected row from the table (the model folder is kept)")
         self.pareto = ParetoPlot()
@@ -101,7 +110,7 @@ class EvaluatePage(Page):
         splitter = QSplitter()
         splitter.addWidget(left)
         splitter.addWidget(right)
-        splitter.setSizes([340, 900])
+        splitter.setSizes([280, 960])
         self.outer.addWidget(splitter, 1)
 
     def _on_form_edited(self) -> None:
@@ -183,11 +192,10 @@ class EvaluatePage(Page):
                 item = QTableWidgetItem(_cell(run, key))
                 if c > 0:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                if key == "label" and run.get("path"):
-                    item.setToolTip(str(run["path"]))
+                if key == "label":
+                    item.setToolTip(f"{run.get('path') or run.get('label')}\nevaluated {run.get('date', '?')}")
                 self.runs_table.setItem(r, c, item)
         self.runs_table.resizeColumnsToContents()
-        self.runs_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.pareto.set_runs([{"id": run["id"], "label": run.get("label", "?"),
                                "size_mb": megabytes(run.get("size_bytes")), "perplexity": run.get("perplexity")}
                               for run in self.runs])

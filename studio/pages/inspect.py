@@ -20,8 +20,8 @@ from studio.widgets.quant_controls import QuantControls
 
 ANALYSE_TITLE = "Analysing the weights"
 SENSITIVITY_TITLE = "Computing sensitivity"
-READOUTS = (("sparse", "Kept exactly (sparse part)"), ("bits", "Average bits per weight"),
-            ("file", "File size"), ("memory", "Memory when loaded"), ("range", "Outlier range used"))
+READOUTS = (("sparse", "Kept exactly"), ("bits", "Bits per weight"),
+            ("file", "File size"), ("memory", "Memory"), ("range", "Outlier range"))
 READOUT_TIPS = {"sparse": "Share of the quantizable weights stored exactly: outliers plus sensitive values.",
                 "bits": "Every stored bit of the quantized layers (codes, lookup tables, sparse part) per weight.",
                 "file": "Estimated size of the quantized folder, next to the original weight files.",
@@ -31,17 +31,19 @@ READOUT_TIPS = {"sparse": "Share of the quantizable weights stored exactly: outl
 
 class InspectPage(Page):
     title = "Inspect"
-    description = ("Quantization stores each weight as one of a few values (8 at 3 bits, 16 at 4 bits). A few "
-                   "weights matter much more than the rest: *outliers* (unusually large) and *sensitive* ones "
-                   "(changing them hurts the model most, measured on sample text). SqueezeLLM keeps those "
-                   "exactly in a small sparse part. Pick a matrix, move the settings, and watch the cost.")
+    description = ("Quantization stores each weight as one of a few values per row (8 at 3 bits, 16 at 4 bits). "
+                   "A few weights matter much more than the rest: <b>outliers</b> (unusually large) and "
+                   "<b>sensitive</b> ones (changing them hurts the model most, measured on sample text). "
+                   "SqueezeLLM keeps those exactly in a small sparse part. Pick a matrix, move the settings, "
+                   "and watch the cost.")
 
     def __init__(self, session, runner, parent: QWidget | None = None) -> None:
         super().__init__(session, runner, parent)
         self.previewer = Previewer(session, runner, self)
         self._auto_analysed = None
         self.matrix_tree = QTreeWidget()
-        self.matrix_tree.setHeaderLabel("Matrices (block → module)")
+        self.matrix_tree.setHeaderLabel("Matrices")
+        self.matrix_tree.setToolTip("Every quantizable matrix, by decoder block and module")
         self.analyse_status = caption("Open a model on the Model page first.")
         self.analyse_button = QPushButton("Analyse weights")
         self.analyse_button.setToolTip("Condense every matrix once so that the readouts follow the controls live")
@@ -54,13 +56,14 @@ class InspectPage(Page):
         self.compute_button = QPushButton("Compute sensitivity")
         self.compute_button.setToolTip("Measure how much each weight matters (squared gradients on sample text). "
                                        "The result is cached on disk and reused.")
-        self.sensitivity_panel = JobProgressPanel(runner, {"fisher": "Sensitivity"}, show_log=False)
+        self.sensitivity_panel = JobProgressPanel(runner, {"fisher": "Progress"}, show_log=False, show_overall=False)
         self.weight_hist = HistogramPlot("Weights of the selected matrix", "weight value")
         self.fisher_hist = HistogramPlot("Sensitivity of the selected matrix", "log10(Fisher information)")
         self.centroid_row_spin = QSpinBox()
         self.centroid_row_spin.setToolTip("Each row of a quantized matrix has its own lookup table: "
                                           "the triangles are the values row r may use")
         self.centroid_note = QLabel("")
+        self.centroid_row_label = QLabel("LUT row")
         self.layer_bars = LayerBars()
         self.heatmap = LayerHeatMap()
         self._layout()
@@ -97,7 +100,7 @@ class InspectPage(Page):
         top.addWidget(group("Sensitivity", sensitivity), 2)
         centroids = QHBoxLayout()
         centroids.addWidget(self.centroid_note, 1)
-        centroids.addWidget(QLabel("LUT row"))
+        centroids.addWidget(self.centroid_row_label)
         centroids.addWidget(self.centroid_row_spin)
         weights = QWidget()
         weights_layout = QVBoxLayout(weights)
@@ -118,7 +121,7 @@ class InspectPage(Page):
         splitter.addWidget(left)
         splitter.addWidget(right)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([240, 1000])
+        splitter.setSizes([150, 1000])
         self.outer.addWidget(splitter, 1)
 
     def _connect(self) -> None:
@@ -244,7 +247,7 @@ class InspectPage(Page):
         module = quantized_modules(source.model).get(name) if source is not None else None
         table = getattr(module, "lookup_table", None)
         visible = table is not None
-        for widget in (self.centroid_row_spin, self.centroid_note):
+        for widget in (self.centroid_row_spin, self.centroid_note, self.centroid_row_label):
             widget.setVisible(visible)
         if not visible:
             self.weight_hist.set_markers(None)
@@ -290,8 +293,8 @@ class InspectPage(Page):
     def _show_preview(self, preview) -> None:
         info = self.session.info
         file_original = info.file_bytes or info.memory_bytes
-        self.readouts["sparse"].setText(f"{preview.sparse_percent:.2f} % of the weights "
-                                        f"({preview.outlier_percent:.2f} % outliers)")
+        self.readouts["sparse"].setText(f"{preview.sparse_percent:.2f} % ({preview.outlier_percent:.2f} % "
+                                        "outliers)")
         self.readouts["bits"].setText(f"{preview.bits_per_weight:.2f} bits (original "
                                       f"{8 * info.quantizable_bytes / max(1, preview.n_weights):.0f})")
         self.readouts["file"].setText(f"{human_bytes(preview.total_bytes)}  (original {human_bytes(file_original)})")

@@ -16,7 +16,7 @@ from studio.estimates import estimate_seconds
 from studio.format import human_bytes
 from studio.jobs import QUANTIZE_STAGES, QuantizeOutcome, default_output, quantize_job
 from studio.model_info import describe
-from studio.pages.base import Page, group
+from studio.pages.base import Page, align_form_labels, group
 from studio.session import QuantResult
 from studio.widgets.config_form import ConfigForm
 from studio.widgets.pickers import CorpusPicker, FolderPicker
@@ -64,7 +64,9 @@ class QuantizePage(Page):
         self.layers_table.setHorizontalHeaderLabels(["Matrix", "Status", "Kept exactly", "Relative error"])
         self.layers_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.layers_table.verticalHeader().hide()
-        self.layers_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header = self.layers_table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.result_label = QLabel("No result yet.")
         self.result_label.setWordWrap(True)
         self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -83,6 +85,7 @@ class QuantizePage(Page):
         form.addRow("Output folder", self.output_picker)
         form.addRow("Device", self.device_combo)
         form.addRow("", self.overwrite_check)
+        align_form_labels(form_widget)
         left = QWidget()
         column = QVBoxLayout(left)
         column.setContentsMargins(0, 0, 0, 0)
@@ -105,6 +108,7 @@ class QuantizePage(Page):
         progress = QSplitter(Qt.Orientation.Vertical)
         progress.addWidget(group("Progress", self.panel))
         progress.addWidget(group("Per matrix", self.layers_table))
+        progress.setSizes([340, 300])
         right_column.addWidget(progress, 1)
         right_column.addWidget(group("Result", result))
         splitter = QSplitter()
@@ -184,8 +188,9 @@ class QuantizePage(Page):
         steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
         total = sum(seconds.values())
         detail = ", ".join(f"{k} {format_seconds(v)}" for k, v in seconds.items() if v >= 1)
+        rough = "under a minute" if total < 60 else format_seconds(total)
         self.summary_label.setText("<br>".join(f"• {s}" for s in steps) +
-                                   f"<br><b>Rough time: {format_seconds(total)}</b> ({detail or 'seconds'})")
+                                   f"<br><b>Rough time: {rough}</b>{f' ({detail})' if detail and total >= 60 else ''}")
 
     # ------------------------------------------------------------ the run
 

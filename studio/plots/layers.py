@@ -29,7 +29,7 @@ class LayerBars(pg.PlotWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         style_plot(self, "Per layer: share of weights kept exactly", "layer (model order)", "% of the matrix")
-        self.addLegend(offset=(-10, 10))
+        self.addLegend(offset=(10, 5), brush=pg.mkBrush(255, 255, 255, 210), labelTextColor="#333333")
         self.outlier_bars = pg.BarGraphItem(x=[], height=[], width=0.45, brush=ACCENT, pen=None, name="outliers")
         self.sensitive_bars = pg.BarGraphItem(x=[], height=[], width=0.45, brush=SECOND, pen=None,
                                               name="sensitive")
@@ -50,7 +50,9 @@ class LayerBars(pg.PlotWidget):
         self.outlier_bars.setOpts(x=x - 0.22, height=np.asarray(outlier_percent, dtype=float))
         self.sensitive_bars.setOpts(x=x + 0.22, height=np.asarray(sensitive_percent, dtype=float))
         self.getAxis("bottom").setTicks([_block_ticks(names)] if names else None)
-        self.enableAutoRange()
+        top = float(max(np.max(outlier_percent, initial=0), np.max(sensitive_percent, initial=0)))
+        self.setXRange(-1, max(1, len(names)), padding=0)
+        self.setYRange(0, max(top, 1e-3) * 1.6, padding=0)  # headroom for the legend
 
     def select(self, name: str | None) -> None:
         if name in self.names:

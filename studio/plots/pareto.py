@@ -58,7 +58,11 @@ class ParetoPlot(pg.PlotWidget):
             self.addItem(text)
             self.labels.append(text)
         self.select(self.selected)
-        self.enableAutoRange()
+        if points:  # room around the points for their labels
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            pad_x, pad_y = max(1.0, 0.25 * (max(xs) - min(xs))), max(0.05, 0.25 * (max(ys) - min(ys)))
+            self.setXRange(min(xs) - pad_x, max(xs) + pad_x, padding=0)
+            self.setYRange(min(ys) - pad_y, max(ys) + pad_y, padding=0)
 
     def select(self, run_id: str | None) -> None:
         """Highlight one run (None: none)."""

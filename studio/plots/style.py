@@ -21,6 +21,7 @@ def style_plot(widget: pg.PlotWidget, title: str, x_label: str, y_label: str) ->
         axis.setPen(pg.mkPen(FOREGROUND))
         axis.setTextPen(pg.mkPen(FOREGROUND))
         axis.setLabel(text, color=FOREGROUND)
+        axis.enableAutoSIPrefix(False)  # "x0.001" on an axis confuses more than it helps
     item.showGrid(x=True, y=True, alpha=0.15)
     widget.setMinimumHeight(180)
     item.setMenuEnabled(False)

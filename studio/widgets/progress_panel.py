@@ -30,7 +30,7 @@ class JobProgressPanel(QWidget):
     """
 
     def __init__(self, runner: JobRunner, stages: dict[str, str], show_log: bool = True,
-                 parent: QWidget | None = None) -> None:
+                 show_overall: bool = True, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.runner = runner
         self._watched: str | None = None
@@ -48,8 +48,11 @@ class JobProgressPanel(QWidget):
         self.overall_bar = QProgressBar()
         self.overall_bar.setRange(0, 1000)
         self.overall_bar.setObjectName("overallBar")
-        grid.addWidget(QLabel("<b>Overall</b>"), len(stages), 0)
+        overall_label = QLabel("<b>Overall</b>")
+        grid.addWidget(overall_label, len(stages), 0)
         grid.addWidget(self.overall_bar, len(stages), 1)
+        overall_label.setVisible(show_overall)
+        self.overall_bar.setVisible(show_overall)
         self.eta_label = QLabel("")
         self.eta_label.setObjectName("etaLabel")
         self.cancel_button = QPushButton("Cancel")

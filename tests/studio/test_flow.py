@@ -34,7 +34,7 @@ def test_load_sensitivity_readouts_quantize_evaluate_chat(qtbot, window, tiny_mo
     assert run_and_wait(qtbot, window, inspect.compute_button.click) == "done"
     assert window.session.fisher is not None
     assert inspect.fisher_hist.has_data
-    assert inspect.sensitivity_panel.overall_bar.value() == 1000
+    assert inspect.sensitivity_panel.stage_bars["fisher"].value() == 1000
 
     # the range control moves the readouts and the threshold lines
     controls = inspect.controls
