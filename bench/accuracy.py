@@ -106,11 +106,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-original", action="store_true", help="leave out the slow scikit-learn reference")
     parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these words")
+    parser.add_argument("--samples", type=int, default=100, help="calibration windows for the Fisher (default 100)")
     args = parser.parse_args()
     from core.data import corpus_tokens, evaluation_windows
     from core.models import load_model
 
-    eval_cfg, fisher_cfg = EvalConfig(), CalibrationConfig()
+    eval_cfg, fisher_cfg = EvalConfig(), CalibrationConfig(samples=args.samples)
     tok = load_model("demo").tokenizer
     windows = evaluation_windows(corpus_tokens(tok, eval_cfg.source), eval_cfg.windows, eval_cfg.seqlen)
     old = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
