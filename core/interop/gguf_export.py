@@ -182,21 +182,21 @@ def add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> None:
         raise UserError(f"{folder} has no BPE tokenizer.json: GGUF export needs the fast tokenizer file; "
                         "save the tokenizer with transformers into the folder, or export hf-dense")
     sentencepiece_style = bool(spec["model"].get("byte_fallback"))
-    tokens, types, scores = _token_table(tokenizer, vocab_size, sentencepiece_style)
+    tokens, types = _token_table(tokenizer, vocab_size, sentencepiece_style)
     writer.add_tokenizer_model("llama" if sentencepiece_style else "gpt2")
     if not sentencepiece_style:
         writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if sentencepiece_style:
-        writer.add_token_scores(scores)
-    special = gguf.SpecialVocab(folder, load_merges=not sentencepiece_style, n_vocab=len(tokens))
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    if sentencepiece_style:  # llama.cpp merges sentencepiece pairs by score: best merge first
+        writer.add_token_scores(merge_scores(tokens, types, special.merges))
     special.add_to_gguf(writer, quiet=True)
 
 
-def _token_table(tokenizer, vocab_size: int, sentencepiece_style: bool) -> tuple[list, list, list]:
-    """(tokens, GGUF token types, scores) for ids 0..vocab_size-1; ids the tokenizer lacks become
-    unused "[PAD<i>]" entries. Scores (sentencepiece-style vocabularies only) rank merges: -id."""
+def _token_table(tokenizer, vocab_size: int, sentencepiece_style: bool) -> tuple[list[str], list[int]]:
+    """(tokens, GGUF token types) for ids 0..vocab_size-1; ids the tokenizer lacks become unused
+    "[PAD<i>]" entries, added tokens are control (special) or user-defined tokens."""
     import gguf
 
     vocab = tokenizer.get_vocab()
@@ -204,24 +204,33 @@ def _token_table(tokenizer, vocab_size: int, sentencepiece_style: bool) -> tuple
         raise UserError(f"the tokenizer has ids up to {max(vocab.values())} but the model embeds only "
                         f"{vocab_size} tokens: the folder's tokenizer does not belong to this model")
     by_id = {i: text for text, i in vocab.items()}
-    added = {i: tok for i, tok in tokenizer.added_tokens_decoder.items()}
-    tokens, types, scores = [], [], []
+    added = dict(tokenizer.added_tokens_decoder)
+    tokens, types = [], []
     for i in range(vocab_size):
         text = by_id.get(i)
+        tokens.append(text if text is not None else f"[PAD{i}]")
         if text is None:
-            tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(text)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         elif sentencepiece_style and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            tokens.append(text)
-            types.append(gguf.TokenType.BYTE)
+            types.append(gguf.TokenType.BYTE)  # byte-fallback pieces, whether listed as added or not
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(text)
             types.append(gguf.TokenType.NORMAL)
-        scores.append(0.0 if types[-1] != gguf.TokenType.NORMAL else -float(i))
-    return tokens, types, scores
+    return tokens, types
+
+
+def merge_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """Sentencepiece-style scores: a token made by merge number r scores -r (earlier merges win);
+    other normal tokens score below every merge, special and byte tokens 0."""
+    import gguf
+
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), r)
+    floor = -float(len(merges))
+    return [-float(rank[t]) if t in rank else (floor - i if kind == gguf.TokenType.NORMAL else 0.0)
+            for i, (t, kind) in enumerate(zip(tokens, types))]
 
 
 def pre_tokenizer_name(pre: dict | None) -> str:

@@ -29,6 +29,35 @@ def quantized_folder(path, tokenizer, config, arch="llama"):
     return run_to_end(save_quantized(model, tokenizer, path, {"config": {"bits": config.bits}}))
 
 
+def _sentencepiece_style_tokenizer():
+    """A small LLaMA-2-style tokenizer.json (BPE with byte fallback, "▁" for spaces)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, numbers 12345 and words"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def small_vocab_folder(path, arch="llama", config=DENSE_ONLY_4BIT):
+    """A quantized tiny model with a 512-token vocabulary and a sentencepiece-style tokenizer
+    (fast to write and read back as GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=512)).eval()
+    run_to_end(quantize_model(model, config, None))
+    return run_to_end(save_quantized(model, _sentencepiece_style_tokenizer(), path, {}))
+
+
 @pytest.fixture(scope="module")
 def dense_only(tmp_path_factory, demo_tokenizer):
     return quantized_folder(tmp_path_factory.mktemp("q") / "q4", demo_tokenizer, DENSE_ONLY_4BIT)
@@ -121,9 +150,9 @@ def test_hf_dense_loads_anywhere_and_matches(tmp_path, sparse_3bit, dtype, tol):
 # ---------------------------------------------------------------- gguf
 
 
-def test_gguf_reads_back_and_loads_in_transformers(tmp_path, sparse_3bit, demo_tokenizer):
+def test_gguf_reads_back_with_the_tokenizer(tmp_path, sparse_3bit, demo_tokenizer):
     import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = run_to_end(export_model(sparse_3bit, "gguf", tmp_path / "gguf" / "tiny-f32.gguf", dtype=torch.float32))
     reader = gguf.GGUFReader(out)
@@ -141,28 +170,26 @@ def test_gguf_reads_back_and_loads_in_transformers(tmp_path, sparse_3bit, demo_t
     expected = permute_for_rotary(quantized.model.layers[0].self_attn.q_proj.dequantize(), 4)
     assert np.array_equal(np.asarray(q_proj.data), expected.numpy())
 
-    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
-    torch.testing.assert_close(_logits(loaded, IDS), _logits(quantized, IDS), rtol=1e-4, atol=1e-4)
+    # transformers loading the weights is checked with a small vocabulary below (it is slow for 49k tokens)
     tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     text = "<|im_start|>user\nHello world, 1234 tokens!<|im_end|>"
     assert tokenizer(text)["input_ids"] == demo_tokenizer(text)["input_ids"]
 
 
-def test_gguf_float16_and_untied_mistral(tmp_path, demo_tokenizer):
+def test_gguf_float16_and_untied_mistral(tmp_path):
     import gguf
 
-    folder = quantized_folder(tmp_path / "m", demo_tokenizer, DENSE_ONLY_4BIT, arch="mistral")
+    folder = small_vocab_folder(tmp_path / "m", "mistral")
     config = json.loads((folder / "config.json").read_text())
     out = run_to_end(export_model(folder, "gguf", tmp_path / "m-f16.gguf"))
-    reader = gguf.GGUFReader(out)
-    types = {t.name: t.tensor_type for t in reader.tensors}
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
     assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
     assert types["blk.1.ffn_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert ("output.weight" in types) != bool(config.get("tie_word_embeddings"))
 
 
-def test_gguf_refuses_other_architectures(tmp_path, demo_tokenizer):
-    folder = quantized_folder(tmp_path / "o", demo_tokenizer, DENSE_ONLY_4BIT, arch="opt")
+def test_gguf_refuses_other_architectures(tmp_path):
+    folder = small_vocab_folder(tmp_path / "o", "opt")
     with pytest.raises(UserError, match="LLaMA-family"):
         run_to_end(export_model(folder, "gguf", tmp_path / "o.gguf"))
     assert not (tmp_path / "o.gguf").exists() and not list(tmp_path.glob(".*partial"))
@@ -174,3 +201,25 @@ def test_pre_tokenizer_names():
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert pre_tokenizer_name(digits) == "smollm"
     assert pre_tokenizer_name({"type": "Whitespace"}) == "default"
+
+
+def test_gguf_sentencepiece_style_tokenizer_and_weights_load_in_transformers(tmp_path):
+    """LLaMA / Vicuna / Mistral vocabularies are written as llama.cpp's "llama" tokenizer model, and
+    transformers (which undoes the q/k permutation) gives the quantized model's logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = small_vocab_folder(tmp_path / "q")
+    tokenizer = load_quantized(folder).tokenizer
+    out = run_to_end(export_model(folder, "gguf", tmp_path / "g" / "spm.gguf", dtype=torch.float32))
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[3 + 0x41] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    assert types[450] == gguf.TokenType.UNUSED  # padded up to the embedding size
+    back = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for text in ["hello world, quick fox!", "the lazy dog jumps 123 times", "ünïcode €"]:
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"]
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, 400, (1, 10))
+    torch.testing.assert_close(_logits(loaded, ids), _logits(load_quantized(folder).model, ids), rtol=1e-4, atol=1e-4)
