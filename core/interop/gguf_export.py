@@ -181,7 +181,7 @@ def add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> None:
     if spec is None or spec.get("model", {}).get("type") != "BPE":
         raise UserError(f"{folder} has no BPE tokenizer.json: GGUF export needs the fast tokenizer file; "
                         "save the tokenizer with transformers into the folder, or export hf-dense")
-    sentencepiece_style = bool(spec["model"].get("byte_fallback"))
+    sentencepiece_style = not _byte_level(spec)
     tokens, types = _token_table(tokenizer, vocab_size, sentencepiece_style)
     writer.add_tokenizer_model("llama" if sentencepiece_style else "gpt2")
     if not sentencepiece_style:
@@ -192,6 +192,17 @@ def add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> None:
     if sentencepiece_style:  # llama.cpp merges sentencepiece pairs by score: best merge first
         writer.add_token_scores(merge_scores(tokens, types, special.merges))
     special.add_to_gguf(writer, quiet=True)
+
+
+def _byte_level(spec: dict) -> bool:
+    """True for GPT-2-style byte-level BPE (a ByteLevel pre-tokenizer or decoder); otherwise the
+    vocabulary is sentencepiece-style ("\u2581" for spaces, byte-fallback tokens)."""
+    def kinds(step: dict | None) -> list[str]:
+        step = step or {}
+        inner = step.get("pretokenizers") or step.get("decoders") or []
+        return [step.get("type")] + [kind for child in inner for kind in kinds(child)]
+
+    return "ByteLevel" in kinds(spec.get("pre_tokenizer")) + kinds(spec.get("decoder"))
 
 
 def _token_table(tokenizer, vocab_size: int, sentencepiece_style: bool) -> tuple[list[str], list[int]]:
