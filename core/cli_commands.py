@@ -115,6 +115,7 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0  # a kernel that cannot be built here is not an error: the torch path serves
 
 
+from core.cli_interop import configure_export, configure_import, run_export, run_import  # noqa: E402
 from core.cli_use import configure_chat, configure_eval, run_chat, run_eval  # noqa: E402
 
 COMMANDS = {
@@ -124,6 +125,9 @@ COMMANDS = {
                 _run_inspect),
     "info": ("Settings, size and bits per weight of a quantized folder.", _configure_info, _run_info),
     "eval": ("Perplexity of models and quantized folders on identical windows.", configure_eval, run_eval),
+    "import": ("Convert an original SqueezeLLM packed .pt checkpoint into a quantized folder.",
+               configure_import, run_import),
+    "export": ("Export a quantized folder as squeezellm-pt, hf-dense or gguf.", configure_export, run_export),
     "build-kernels": ("Compile the optional CPU/CUDA kernels now instead of on first use.", _configure_build,
                       _run_build),
     "chat": ("Talk to a model or a quantized folder in the terminal (reads stdin).", configure_chat, run_chat),
