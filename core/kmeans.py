@@ -3,14 +3,16 @@
 Per row, minimise ``sum_j w_j (x_j - c_{a_j})**2`` over 2**bits centroids. In one dimension the
 clusters of sorted centroids are contiguous runs of the sorted row, split at the midpoints of
 neighbouring centroids. After one sort per row, prefix sums of w, w*x and w*x**2 give the cost of any
-run against any centroid in O(1); so the greedy k-means++ seeding (scikit-learn's scheme) and every
-Lloyd step cost O(K log n) per row instead of O(K n).
+run against any centroid in O(1). So the greedy k-means++ seeding (scikit-learn's scheme: 2 + ln K
+candidates per step drawn with probability proportional to w*D**2, the best kept) and every Lloyd step
+need only a few searches per row in the sorted values or in the running cost, instead of passes over
+all n values.
 
 All rows of a matrix are processed together in torch, on the tensors' device, in chunks that bound
-memory. Rows are stored flat and addressed through a row index per "virtual row", so several seedings
-of one row, or the rows still moving in Lloyd, are just index tensors (no copies). Binary searches are
-written as vectorised branchless loops of ``torch.take``: all queries of a level are independent
-loads, which is several times faster on a CPU than ``torch.searchsorted``'s one-query-at-a-time loop.
+memory. Several seedings of one row, and the rows still moving in Lloyd, are "virtual rows": index
+tensors into the sorted rows, never copies. Searches are three rounds of dense comparisons with about
+n ** (1/3) entries each (``_count_at_most``): on a CPU this beats ``torch.searchsorted``, which walks
+one query at a time, and a vectorised binary search, whose many small gathers dominate.
 """
 
 from __future__ import annotations
@@ -26,23 +28,26 @@ DEFAULT_RESTARTS = 2       # seedings per row, best objective kept (bench/kmeans
 
 
 class _Sorted(NamedTuple):
-    """Rows sorted once. Each row is padded to ``stride = blocks * block`` entries (about sqrt(n)
-    blocks of about sqrt(n)) by repeating its last entry, so that a search is two dense comparisons:
-    against the last entry of every block of the row, then against every entry of one block.
+    """Rows sorted once, laid out for three-level searches. Each row is padded to ``fan**3``
+    entries (fan = ceil(n ** (1/3))) by repeating its last entry; a search compares a target with
+    the ``fan`` entries ending each top group, then the ``fan`` ending each subgroup of that group,
+    then the ``fan`` entries of one subgroup: about 3 * n ** (1/3) dense comparisons.
 
-    xs: float64 [R, stride] ascending per row, minus the row mean (keeps the sums of x**2 small);
-    xs_top: float64 [R, blocks], the last entry of each block.
-    prefix: float64 [R, stride + 1, 3]: at position i the sums over the first i sorted values
-    of (w, w*x, w*x**2); prefix_top: float64 [R, blocks, 3], prefix at positions block, 2*block, ...
+    xs: float64 [R, fan**3] ascending per row, minus the row mean (keeps the sums of x**2 small);
+    xs_mid: [R, fan**2] entries fan-1, 2*fan-1, ...; xs_top: [R, fan] entries fan**2-1, ....
+    prefix: float64 [R, fan**3 + 1, 3]: at position i the sums over the first i sorted values of
+    (w, w*x, w*x**2); prefix_mid: [R, fan**2, 3] positions fan, 2*fan, ...; prefix_top: [R, fan, 3]
+    positions fan**2, 2*fan**2, ....
     """
 
     xs: torch.Tensor
+    xs_mid: torch.Tensor
     xs_top: torch.Tensor
     prefix: torch.Tensor
+    prefix_mid: torch.Tensor
     prefix_top: torch.Tensor
     n: int
-    blocks: int
-    block: int
+    fan: int
 
     def value_at(self, row: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         """float64 like i: sorted value i (0 <= i < n) of each virtual row (row: int64 [A, 1])."""
@@ -53,19 +58,20 @@ class _Sorted(NamedTuple):
         flat = row * self.prefix.shape[1] + i
         return self.prefix.view(-1, 3).index_select(0, flat.reshape(-1)).view(*i.shape, 3)
 
-    def value_blocks(self, row: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """float64 [*block.shape, block]: the sorted values in block number ``block`` of each row."""
-        table = self.xs.view(-1, self.block)
-        return table.index_select(0, (row * self.blocks + block).reshape(-1)).view(*block.shape, self.block)
+    def value_group(self, row: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """float64 [*group.shape, fan]: sorted values group*fan ... group*fan + fan - 1 of each row."""
+        table = self.xs.view(-1, self.fan)
+        flat = row * (self.fan * self.fan) + group
+        return table.index_select(0, flat.reshape(-1)).view(*group.shape, self.fan)
 
-    def sums_blocks(self, row: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """float64 [*block.shape, block, 3]: entry j of block b is the prefix at position
-        b*block + j + 1, the sums up to and including sorted value b*block + j."""
+    def sums_group(self, row: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """float64 [*group.shape, fan, 3]: entry j is the prefix at position group*fan + j + 1, the
+        sums up to and including sorted value group*fan + j."""
         flat = self.prefix.view(-1, 3)
-        # overlapping windows of `block` prefix rows starting anywhere: a view, no copy
-        windows = flat.as_strided((flat.shape[0] - self.block + 1, self.block, 3), (3, 3, 1))
-        start = row * self.prefix.shape[1] + 1 + block * self.block
-        return windows.index_select(0, start.reshape(-1)).view(*block.shape, self.block, 3)
+        # overlapping windows of `fan` prefix rows starting anywhere: a view, no copy
+        windows = flat.as_strided((flat.shape[0] - self.fan + 1, self.fan, 3), (3, 3, 1))
+        start = row * self.prefix.shape[1] + 1 + group * self.fan
+        return windows.index_select(0, start.reshape(-1)).view(*group.shape, self.fan, 3)
 
 
 def sanitize_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -167,9 +173,10 @@ def _sort_rows(x: torch.Tensor, shift: torch.Tensor, w: torch.Tensor) -> _Sorted
     """x: finite float32 [R, n], shift: float64 [R, 1] taken off the values, w: float32 [R, n]
     -> the sorted layout."""
     n_rows, n = x.shape
-    block = max(1, math.isqrt(n - 1) + 1)
-    blocks = -(-n // block)
-    stride = blocks * block
+    fan = 1
+    while fan ** 3 < n:
+        fan += 1
+    stride = fan ** 3
     order = _sort_order(x)
     xs = x.gather(1, order).double() - shift
     ws = w.gather(1, order).double()
@@ -183,8 +190,8 @@ def _sort_rows(x: torch.Tensor, shift: torch.Tensor, w: torch.Tensor) -> _Sorted
     torch.mul(body[..., 1], xs, out=body[..., 2])
     body.copy_(body.cumsum(1))
     prefix[:, n + 1:] = prefix[:, n:n + 1]
-    return _Sorted(padded, padded[:, block - 1::block].contiguous(), prefix,
-                   prefix[:, block::block].contiguous(), n, blocks, block)
+    return _Sorted(padded, padded[:, fan - 1::fan].contiguous(), padded[:, fan * fan - 1::fan * fan].contiguous(),
+                   prefix, prefix[:, fan::fan].contiguous(), prefix[:, fan * fan::fan * fan].contiguous(), n, fan)
 
 
 def _best_of_restarts(data: _Sorted, n_clusters: int, draws: torch.Tensor, max_iter: int,
@@ -200,21 +207,24 @@ def _best_of_restarts(data: _Sorted, n_clusters: int, draws: torch.Tensor, max_i
     return centers.reshape(restarts, n_rows, -1)[pick, torch.arange(n_rows, device=draws.device)]
 
 
-def _count_at_most(data: _Sorted, row: torch.Tensor, target: torch.Tensor, tops: torch.Tensor,
-                   fetch_block, key) -> torch.Tensor:
+def _count_at_most(data: _Sorted, row: torch.Tensor, target: torch.Tensor, top: torch.Tensor,
+                   mid: torch.Tensor, fetch_group, key) -> torch.Tensor:
     """int64 like target [A, Q]: how many of a row's n entries have key(entry) <= target, for entries
-    whose keys ascend along the row. tops: [R, blocks, ...] the last entry of each block;
-    fetch_block(row, b) gives the entries of blocks b [A, Q] as [A, Q, block, ...]; key maps entries
-    [A, Q|1, m, ...] to values [A, Q, m]. Padding repeats the last entry, hence the clamp to n."""
-    whole = (key(tops.index_select(0, row.squeeze(1)).unsqueeze(1)) <= target.unsqueeze(2)).sum(2)
-    block = whole.clamp_max(data.blocks - 1)
-    inside = (key(fetch_block(row, block)) <= target.unsqueeze(2)).sum(2)
-    return (block * data.block + inside).clamp_max(data.n)
+    whose keys ascend along the row. top: [R, fan, ...] and mid: [R, fan**2, ...] the entries ending
+    each group of fan**2 and of fan; fetch_group(row, g) gives the entries of groups g [A, Q] as
+    [A, Q, fan, ...]; key maps entries [A, Q|1, fan, ...] to values [A, Q, fan]. Padding repeats
+    the last entry: a target above all entries descends into the last groups, hence the clamps."""
+    fan, bound = data.fan, target.unsqueeze(2)
+    group = (key(top.index_select(0, row.squeeze(1)).unsqueeze(1)) <= bound).sum(2).clamp_max(fan - 1)
+    table = mid.view(-1, fan, *mid.shape[2:])
+    entries = table.index_select(0, (row * fan + group).reshape(-1)).view(*group.shape, fan, *mid.shape[2:])
+    group = group * fan + (key(entries) <= bound).sum(2).clamp_max(fan - 1)
+    return (group * fan + (key(fetch_group(row, group)) <= bound).sum(2)).clamp_max(data.n)
 
 
 def _count_below(data: _Sorted, row: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
     """int64 [A, Q]: how many sorted values of each row are <= each of ``limits`` [A, Q]."""
-    return _count_at_most(data, row, limits, data.xs_top, data.value_blocks, lambda v: v)
+    return _count_at_most(data, row, limits, data.xs_top, data.xs_mid, data.value_group, lambda v: v)
 
 
 def _cost(sums: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -245,8 +255,8 @@ def _kmeans_plusplus(data: _Sorted, row: torch.Tensor, n_clusters: int,
     """
     n = data.n
     total = data.sums_at(row, torch.full_like(row, n))[..., 0]
-    first = _count_at_most(data, row, draws[:, :1] * total, data.prefix_top, data.sums_blocks,
-                           lambda sums: sums[..., 0])
+    first = _count_at_most(data, row, draws[:, :1] * total, data.prefix_top, data.prefix_mid,
+                           data.sums_group, lambda sums: sums[..., 0])
     centers = data.value_at(row, first.clamp_max(n - 1))
     bounds = torch.cat([torch.zeros_like(row), torch.full_like(row, n)], 1)
     trials = (draws.shape[1] - 1) // max(1, n_clusters - 1)
@@ -273,7 +283,7 @@ def _sample_by_potential(data: _Sorted, row: torch.Tensor, centers: torch.Tensor
     c, start, stop = centers.gather(1, run), bounds.gather(1, run), bounds.gather(1, run + 1)
     # sum_{j<i} w_j (x_j - c)**2 is ascending in i over the whole row: search where the run's share is spent
     threshold = _cost(data.sums_at(row, start), c) + (target - before)
-    count = _count_at_most(data, row, threshold, data.prefix_top, data.sums_blocks,
+    count = _count_at_most(data, row, threshold, data.prefix_top, data.prefix_mid, data.sums_group,
                            lambda sums: _cost(sums, c.unsqueeze(2)))
     return data.value_at(row, torch.minimum(torch.maximum(count, start), stop - 1).clamp(0, n - 1))
 
