@@ -100,9 +100,9 @@ def weighted_kmeans_1d(values: torch.Tensor, weights: torch.Tensor, n_clusters: 
                          f"and {tuple(weights.shape)}")
     if not 1 <= n_clusters <= 256:
         raise ValueError(f"n_clusters must be in 1..256 (codes are uint8), got {n_clusters}")
-    x = values.float()
+    x = values.detach().float()
     finite = x.isfinite()
-    w = sanitize_weights(torch.where(finite, weights.float(), torch.zeros_like(x)))
+    w = sanitize_weights(torch.where(finite, weights.detach().float(), torch.zeros_like(x)))
     x = torch.where(finite, x, torch.zeros_like(x))
     n_rows, n = x.shape
     centroids = torch.zeros(n_rows, n_clusters, dtype=torch.float32, device=x.device)
@@ -117,7 +117,7 @@ def weighted_kmeans_1d(values: torch.Tensor, weights: torch.Tensor, n_clusters: 
         data = _sort_rows(x[part], shift, w[part])
         best = _best_of_restarts(data, n_clusters, draws[:, part].to(x.device), max_iter, tol)
         centroids[part] = (best + shift).float()
-        codes[part] = nearest_codes(values[part], centroids[part])
+        codes[part] = nearest_codes(values[part].detach(), centroids[part])
     return centroids, codes
 
 

@@ -200,3 +200,12 @@ def test_cuda_matches_cpu():
     ratio = weighted_objective(x, w, gpu_c.cpu()) / weighted_objective(x, w, cpu_c)
     assert float(ratio.mean()) == pytest.approx(1.0, abs=5e-3)
     assert float((gpu_c.cpu() - cpu_c).abs().max()) < 1e-5 or float(ratio.max()) < 1.05
+
+
+def test_accepts_parameters_and_half_precision():
+    layer = torch.nn.Linear(40, 6)
+    centroids, codes = weighted_kmeans_1d(layer.weight, torch.ones_like(layer.weight), 4)
+    assert_valid(layer.weight.detach(), centroids, codes, 4)
+    half = layer.weight.detach().to(torch.bfloat16)
+    centroids, codes = weighted_kmeans_1d(half, torch.ones_like(half), 4)
+    assert_valid(half.float(), centroids, codes, 4)
