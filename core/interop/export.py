@@ -102,6 +102,17 @@ def vllm_export_problem(model: nn.Module) -> str | None:
     return None
 
 
+def vllm_shape_warning(model: nn.Module) -> str | None:
+    """A warning when some layer is not made of whole 128x128 blocks, which vLLM's SqueezeLLM kernel
+    assumes without checking (SPEC B); the file itself is still valid."""
+    for name, module in model.named_modules():
+        if isinstance(module, SqueezeLinear) and (module.in_features % 128 or module.out_features % 128):
+            return (f"warning: {name} is {module.out_features}x{module.in_features}, not a multiple of 128 both "
+                    "ways; vLLM's SqueezeLLM kernel reads whole blocks of 128 and may return garbage for this "
+                    "model (the original's loader and Squeeze Studio read the file correctly)")
+    return None
+
+
 def squeezellm_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The original's flat state dict: ``P.qweight`` int32 [in/8, out], ``P.lookup_table`` float32
     [out, 16] (and ``P.bias``) per quantized layer, every other tensor in ``dtype`` (tied weights
@@ -128,6 +139,9 @@ def _write_squeezellm_pt(loaded, tmp: Path, dtype: torch.dtype) -> Generator[Pro
     if problem:
         raise UserError(f"cannot export {loaded.name} as squeezellm-pt: {problem}. Quantize it 4-bit "
                         "dense-only (no outliers, sensitivity 0) for vLLM, or export hf-dense or gguf")
+    warning = vllm_shape_warning(loaded.model)
+    if warning:
+        yield ProgressEvent("warning", 0, 0, warning)
     yield ProgressEvent("save", 0, 3, "saving: packed state dict")
     torch.save(squeezellm_state(loaded.model, dtype), tmp / PT_FILE)
     yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")

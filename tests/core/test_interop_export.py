@@ -100,7 +100,10 @@ def test_squeezellm_pt_has_the_original_layout_and_imports_back(tmp_path, dense_
 
 
 def test_squeezellm_pt_default_dtype_is_float16(tmp_path, dense_only):
-    out = run_to_end(export_model(dense_only, "squeezellm-pt", tmp_path / "vllm"))
+    events = []
+    out = run_to_end(export_model(dense_only, "squeezellm-pt", tmp_path / "vllm"), events.append)
+    # 64x160 layers are not whole 128-blocks: vLLM's kernel would read out of bounds, so say so
+    assert any(e.stage == "warning" and "128" in e.message for e in events)
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["model.embed_tokens.weight"].dtype == torch.float16
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
@@ -126,6 +129,15 @@ def test_unknown_format_and_dtype_are_refused(tmp_path, dense_only):
         run_to_end(export_model(dense_only, "gguf", tmp_path / "x.gguf", dtype=torch.bfloat16))
     with pytest.raises(UserError, match=r"\.gguf"):
         run_to_end(export_model(dense_only, "gguf", tmp_path / "x.bin"))
+
+
+def test_cancelled_export_leaves_nothing(tmp_path, sparse_3bit):
+    for fmt, target in (("hf-dense", tmp_path / "dense"), ("gguf", tmp_path / "x.gguf")):
+        gen = export_model(sparse_3bit, fmt, target, dtype=torch.float32)
+        for _ in range(4):
+            next(gen)
+        gen.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- hf-dense
