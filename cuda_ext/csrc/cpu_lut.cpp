@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -262,10 +263,40 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
   return xp;
 }
 
+// --- work sharing ---------------------------------------------------------------------------------
+
+// body(c) for every chunk c in [0, chunks), on this thread and on up to get_num_threads()-1 helper
+// tasks of torch's inter-op pool. Chunks are claimed from a shared counter, so the caller waits only
+// for chunks already claimed, never for a helper that has not started: on a busy machine an OpenMP
+// team stalls every call until its last thread gets a time slice (measured 7x slower decode than
+// one thread under load), while here a late helper simply finds no work left. body must not throw.
+template <typename Body>
+void parallel_chunks(int64_t chunks, const Body& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  const Body* work = &body;  // dereferenced only for a claimed chunk, i.e. while the caller waits
+  auto drain = [counters, work, chunks] {
+    for (int64_t c; (c = counters->next.fetch_add(1)) < chunks;) {
+      (*work)(c);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) at::launch(drain);
+  drain();
+  while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
-// Columns per tile: its partial sums (8 floats per row and column) and LUTs stay within L1.
-inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 256 : (rows <= 4 ? 128 : 64); }
+// Columns per chunk of work: their partial sums (8 floats per row and column) and LUTs stay in L1.
+inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 128 : 64; }
 
 // y[r, n] = decoded column n . x[r] + sparse row n . x[r] + bias[n], for rows r < rows <= kMaxRows.
 void lut_matvec(const at::Tensor& xp, const at::Tensor& qweight, const at::Tensor& lut, int bits, int64_t in_features,
@@ -276,27 +307,24 @@ void lut_matvec(const at::Tensor& xp, const at::Tensor& qweight, const at::Tenso
   float* yp = y.data_ptr<float>() + row0 * out;
   const int64_t width = tile_width(rows);
   std::atomic<bool> bad{false};
-  // Threads take contiguous runs of 16-column blocks (one 64-byte line of each qweight row).
-  at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+  parallel_chunks((out + width - 1) / width, [&](int64_t chunk) {
+    const int64_t t0 = chunk * width, t1 = std::min(out, t0 + width);
     Scratch luts(width * 16);
     std::vector<float> dots(width * kMaxRows);
-    for (int64_t t0 = b0 * 16; t0 < std::min(out, b1 * 16); t0 += width) {
-      const int64_t t1 = std::min({out, b1 * 16, t0 + width});
-      fill_luts(lut, bits, t0, t1, luts.get());
-      tile_dots_any(q, out, bits, groups, luts.get(), x, ldx, static_cast<int>(rows), t0, t1, dots.data());
-      for (int64_t n = t0; n < t1; ++n) {
-        float* d = dots.data() + (n - t0) * kMaxRows;
-        if (sp.nnz) {
-          const auto [begin, end] = csr_range(sp, n, bad);
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t k = sp.cols[i];
-            if (k < 0 || k >= in_features) { bad = true; continue; }
-            for (int64_t r = 0; r < rows; ++r) d[r] += sp.vals[i] * x[r * ldx + k];
-          }
+    fill_luts(lut, bits, t0, t1, luts.get());
+    tile_dots_any(q, out, bits, groups, luts.get(), x, ldx, static_cast<int>(rows), t0, t1, dots.data());
+    for (int64_t n = t0; n < t1; ++n) {
+      float* d = dots.data() + (n - t0) * kMaxRows;
+      if (sp.nnz) {
+        const auto [begin, end] = csr_range(sp, n, bad);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t k = sp.cols[i];
+          if (k < 0 || k >= in_features) { bad = true; continue; }
+          for (int64_t r = 0; r < rows; ++r) d[r] += sp.vals[i] * x[r * ldx + k];
         }
-        const float b = bias ? bias[n] : 0.f;
-        for (int64_t r = 0; r < rows; ++r) yp[r * out + n] = d[r] + b;
       }
+      const float b = bias ? bias[n] : 0.f;
+      for (int64_t r = 0; r < rows; ++r) yp[r * out + n] = d[r] + b;
     }
   });
   TORCH_CHECK(!bad, "the sparse residual's CSR indices are out of range: the weights are corrupt");
@@ -323,17 +351,23 @@ void dequantize_rows(const at::Tensor& qweight, const at::Tensor& lut, int bits,
   const int64_t out = qweight.size(1), groups = qweight.size(0) / bits;
   const int32_t* q = qweight.data_ptr<int32_t>();
   std::atomic<bool> bad{false};
-  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+  constexpr int64_t kRowsPerChunk = 64;
+  parallel_chunks((n1 - n0 + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    const int64_t a = n0 + chunk * kRowsPerChunk, b = std::min(n1, a + kRowsPerChunk);
     Scratch luts((b - a) * 16);
     alignas(32) float group[kGroup];
     fill_luts(lut, bits, a, b, luts.get());
+    // Group by group, so qweight is read row after row (contiguous runs), as in lut_matvec.
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kGroup, take = std::min<int64_t>(kGroup, in_features - k0);
+      for (int64_t n = a; n < b; ++n) {
+        float* dst = w + (n - n0) * ldw + k0;
+        decode_to(q + g * bits * out + n, out, bits, luts.get() + (n - a) * 16, take == kGroup ? dst : group);
+        if (take < kGroup) std::memcpy(dst, group, sizeof(float) * take);
+      }
+    }
     for (int64_t n = a; n < b; ++n) {
       float* row = w + (n - n0) * ldw;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t k0 = g * kGroup, take = std::min<int64_t>(kGroup, in_features - k0);
-        decode_to(q + g * bits * out + n, out, bits, luts.get() + (n - a) * 16, take == kGroup ? row + k0 : group);
-        if (take < kGroup) std::memcpy(row + k0, group, sizeof(float) * take);
-      }
       if (sp.nnz) {
         const auto [begin, end] = csr_range(sp, n, bad);
         for (int64_t i = begin; i < end; ++i) {
