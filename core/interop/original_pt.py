@@ -185,7 +185,8 @@ def squeeze_from_original(name: str, parts: dict, linear: nn.Linear,
     bias = parts.get("bias")
     if bias is None and linear.bias is not None:
         if linear.bias.is_meta:
-            raise UserError(f"{name} has a bias in the base model but none in the checkpoint: give --base")
+            raise UserError(f"{name} has a bias in the model, but neither the checkpoint nor the base holds "
+                            "it: give the model the checkpoint was made from (--base)")
         bias = linear.bias.detach()
     module = SqueezeLinear(shape[1], shape[0], layer_bits, sparse[2].numel() if sparse else 0, bias is not None,
                            lut_dtype=torch.float32, bias_dtype=bias.dtype if bias is not None else torch.float32)
@@ -219,15 +220,22 @@ def import_original_checkpoint(ckpt: str | Path, base: str | None, output: str |
     source = open_base(base, ckpt)
     model = source.skeleton(dense)
     folded = 0
-    for i, name in enumerate(sorted(layers)):
-        linear = _find_linear(model, name)
-        module, rows_folded = squeeze_from_original(name, layers[name], linear, bits)
+    for i, name in enumerate(sorted(layers, key=_natural_key)):
+        linear, parts = _find_linear(model, name), layers[name]
+        if "bias" not in parts and linear.bias is not None:  # the file may leave biases to the base
+            parts = {**parts, **{"bias": t for t in source.tensors({f"{name}.bias"}).values()}}
+        module, rows_folded = squeeze_from_original(name, parts, linear, bits)
         model.set_submodule(name, module)
         folded += rows_folded
         yield ProgressEvent("convert", i + 1, len(layers), f"converted {name}")
     from_base = source.fill_dense(model, dense)
     settings = _settings(model, ckpt, base, folded, from_base)
     return (yield from save_quantized(model, source.tokenizer, output, settings, overwrite=overwrite))
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """'model.layers.10.x' sorts after 'model.layers.2.x'."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
 
 
 def _find_linear(model: nn.Module, name: str) -> nn.Linear:

@@ -71,9 +71,9 @@ def write_original(path, model, bits, *, sparse=False, full_rows=False, quantize
     return expected
 
 
-def reference_model(model, expected, dtype=torch.float32):
+def reference_model(model, expected, dtype=torch.float32, arch="llama"):
     """The dense model the original's dequantization describes (linears hold the expected weights)."""
-    reference = build_tiny_model("llama")
+    reference = build_tiny_model(arch)
     reference.load_state_dict(model.state_dict())
     for name, weight in expected.items():
         reference.get_submodule(name).weight.data = weight.clone()
@@ -143,6 +143,20 @@ def test_quantized_only_file_takes_the_rest_from_base(tmp_path, tiny_base):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, reference_model(model, expected)(ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_biases_the_file_lacks_come_from_the_base(tmp_path, demo_tokenizer):
+    model = build_tiny_model("qwen2")  # q/k/v projections carry biases
+    model.save_pretrained(tmp_path / "base")
+    demo_tokenizer.save_pretrained(tmp_path / "base")
+    expected = write_original(tmp_path / "sq.pt", model, 4, quantized_only=True)
+    out = run_to_end(import_original_checkpoint(tmp_path / "sq.pt", str(tmp_path / "base"), tmp_path / "out"))
+    loaded = _check_weights(out, expected)
+    assert torch.equal(loaded.model.model.layers[1].self_attn.k_proj.bias, model.model.layers[1].self_attn.k_proj.bias)
+    ids = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits,
+                                   reference_model(model, expected, arch="qwen2")(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_in_a_model_folder_needs_no_base(tmp_path, tiny_base, demo_tokenizer):
