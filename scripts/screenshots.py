@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows")
     parser.add_argument("--tokens", type=int, default=48, help="max new tokens in the chat")
     parser.add_argument("--size", default="1400x900", help="window size WxH")
+    parser.add_argument("--until", choices=PAGES, default=PAGES[-1],
+                        help="stop after this page (sensitivity is cached, so re-taking the first pages is quick)")
     return parser.parse_args()
 
 
@@ -107,10 +109,21 @@ def main() -> int:
     app, window = create_window()
     width, height = (int(v) for v in args.size.split("x"))
     window.resize(width, height)
-    drive = Driver(app, window)
+    window.confirm_close = lambda: True  # on a failure, close without asking
+    try:
+        take_screenshots(Driver(app, window), window, spec, args)
+    finally:
+        window.close()
+    return 0
+
+
+def take_screenshots(drive: Driver, window, spec: str, args: argparse.Namespace) -> None:
+    """Visit every page up to ``args.until`` as a person would, saving one picture per page."""
     pages = window.pages
     drive.run_job(lambda: window.open_model(spec), "loading the model")
     drive.grab("model", args.out)
+    if args.until == "model":
+        return
 
     window.show_page("inspect")
     drive.wait(lambda: window.session.stats is not None and not window.runner.busy, 1800, "analysing the weights")
@@ -122,12 +135,16 @@ def main() -> int:
     drive.wait(lambda: pages["inspect"].previewer.latest is not None and not pages["inspect"].previewer.computing,
                60, "previewing")
     drive.grab("inspect", args.out)
+    if args.until == "inspect":
+        return
 
     window.show_page("quantize")
     output = Path(tempfile.mkdtemp(prefix="screens-out-")) / f"{window.session.model.name}-sq4"
     pages["quantize"].output_picker.set_value(str(output))
     drive.run_job(pages["quantize"].start, "quantizing")
     drive.grab("quantize", args.out)
+    if args.until == "quantize":
+        return
 
     evaluate = pages["evaluate"]
     evaluate.eval_form.editors["windows"].setValue(args.windows)
@@ -135,6 +152,8 @@ def main() -> int:
     window.show_page("evaluate")
     drive.run_job(evaluate.start, "evaluating")
     drive.grab("evaluate", args.out)
+    if args.until == "evaluate":
+        return
 
     chat = pages["chat"]
     chat.select_mode("side")
@@ -144,8 +163,6 @@ def main() -> int:
     window.show_page("chat")
     drive.run_job(chat.send, "chatting")
     drive.grab("chat", args.out)
-    window.close()
-    return 0
 
 
 if __name__ == "__main__":

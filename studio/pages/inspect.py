@@ -4,31 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QFormLayout, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QSplitter,
-                               QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from core.models import block_index, short_module_name
-from studio.format import human_bytes
 from studio.jobs import ANALYSE_STAGES, SENSITIVITY_STAGES, analyse_job, sensitivity_job
-from studio.model_info import dense_weight, matrices, quantized_modules
+from studio.model_info import matrices, quantized_modules
 from studio.pages.base import Page, caption, group
-from studio.plots.histogram import HistogramPlot, log_histogram, value_histogram
+from studio.plots.histogram import HistogramPlot, MatrixHistograms, matrix_histograms
 from studio.plots.layers import LayerBars, LayerHeatMap
 from studio.previewer import Previewer
 from studio.widgets.progress_panel import JobProgressPanel
 from studio.widgets.quant_controls import QuantControls
+from studio.widgets.readouts import ReadoutsPanel
 
 ANALYSE_TITLE = "Analysing the weights"
 SENSITIVITY_TITLE = "Computing sensitivity"
-READOUTS = (("sparse", "Kept exactly"), ("bits", "Bits per weight"),
-            ("file", "File size"), ("memory", "Memory"), ("range", "Outlier range"))
-READOUT_TIPS = {"sparse": "Share of the quantizable weights stored exactly: outliers plus sensitive values.",
-                "bits": "Every stored bit of the quantized layers (codes, lookup tables, sparse part) per weight.",
-                "file": "Estimated size of the quantized folder, next to the original weight files.",
-                "memory": "Estimated memory of the quantized model, next to the model as loaded now.",
-                "range": "The IQR multiplier r behind the thresholds ±T (solved when you give a target share)."}
-
-
 class InspectPage(Page):
     title = "Inspect"
     description = ("Quantization stores each weight as one of a few values per row (8 at 3 bits, 16 at 4 bits). "
@@ -41,6 +42,7 @@ class InspectPage(Page):
         super().__init__(session, runner, parent)
         self.previewer = Previewer(session, runner, self)
         self._auto_analysed = None
+        self._histogram_request = 0
         self.matrix_tree = QTreeWidget()
         self.matrix_tree.setHeaderLabel("Matrices")
         self.matrix_tree.setToolTip("Every quantizable matrix, by decoder block and module")
@@ -48,7 +50,8 @@ class InspectPage(Page):
         self.analyse_button = QPushButton("Analyse weights")
         self.analyse_button.setToolTip("Condense every matrix once so that the readouts follow the controls live")
         self.controls = QuantControls(sliders=True)
-        self.readouts = {key: QLabel("–") for key, _ in READOUTS}
+        self.readouts_panel = ReadoutsPanel()
+        self.readouts = self.readouts_panel.values
         self.samples_spin = QSpinBox()
         self.samples_spin.setRange(1, 10000)
         self.samples_spin.setToolTip("Calibration windows of sample text used to measure sensitivity; "
@@ -77,14 +80,6 @@ class InspectPage(Page):
         column.addWidget(self.matrix_tree, 1)
         column.addWidget(self.analyse_status)
         column.addWidget(self.analyse_button)
-        readouts = QWidget()
-        form = QFormLayout(readouts)
-        for key, label in READOUTS:
-            name = QLabel(label)
-            for widget in (name, self.readouts[key]):
-                widget.setToolTip(READOUT_TIPS[key])
-            self.readouts[key].setObjectName("readout")
-            form.addRow(name, self.readouts[key])
         sensitivity = QWidget()
         sens_layout = QVBoxLayout(sensitivity)
         sens_layout.setContentsMargins(0, 0, 0, 0)
@@ -96,7 +91,7 @@ class InspectPage(Page):
         sens_layout.addWidget(self.sensitivity_panel)
         top = QHBoxLayout()
         top.addWidget(group("Setting", self.controls), 3)
-        top.addWidget(group("What it costs (whole model)", readouts), 3)
+        top.addWidget(group("What it costs (whole model)", self.readouts_panel), 3)
         top.addWidget(group("Sensitivity", sensitivity), 2)
         centroids = QHBoxLayout()
         centroids.addWidget(self.centroid_note, 1)
@@ -215,29 +210,35 @@ class InspectPage(Page):
                 return
 
     def _show_matrix(self) -> None:
-        """Histograms of the selected matrix (measured: < 30 ms for the demo's largest, so inline)."""
+        """Histograms of the selected matrix, computed in a light worker (the latest request wins)."""
         name, loaded = self.selected_matrix(), self.session.model
+        self._histogram_request += 1
         if name is None or loaded is None:
             self.weight_hist.clear_data("Pick a matrix on the left")
             self.fisher_hist.clear_data("")
             return
-        module = matrices(loaded)[name]
-        self.weight_hist.set_histogram(*value_histogram(dense_weight(module)))
+        request, fisher = self._histogram_request, (self.session.fisher or {}).get(name)
+        self.runner.run_light(matrix_histograms, matrices(loaded)[name], fisher, action="drawing the histograms",
+                              on_result=lambda result: self._draw_histograms(request, name, result))
+        self.layer_bars.select(name)
+
+    def _draw_histograms(self, request: int, name: str, result: MatrixHistograms) -> None:
+        if request != self._histogram_request:
+            return  # the selection moved on meanwhile
+        self.weight_hist.set_histogram(*result.weights)
         self._show_threshold()
         self._show_centroids(name)
-        fisher = (self.session.fisher or {}).get(name)
-        if fisher is None:
+        if result.fisher is None:
             self.fisher_hist.clear_data("Press 'Compute sensitivity' to see which weights matter most")
-        else:
-            counts, edges, zeros = log_histogram(fisher)
-            self.fisher_hist.set_histogram(counts, edges)
-            self.fisher_hist.setTitle(f"Sensitivity of the selected matrix ({zeros:,} entries are exactly 0)"
-                                      if zeros else "Sensitivity of the selected matrix")
-        self.layer_bars.select(name)
+            return
+        counts, edges, zeros = result.fisher
+        self.fisher_hist.set_histogram(counts, edges)
+        self.fisher_hist.setTitle(f"Sensitivity of the selected matrix ({zeros:,} entries are exactly 0)"
+                                  if zeros else "Sensitivity of the selected matrix")
 
     def _show_threshold(self) -> None:
         preview, name = self.previewer.latest, self.selected_matrix()
-        layer = next((l for l in preview.layers if l.name == name), None) if preview is not None else None
+        layer = next((item for item in preview.layers if item.name == name), None) if preview is not None else None
         self.weight_hist.set_thresholds(layer.threshold if layer is not None else None)
 
     def _show_centroids(self, name: str) -> None:
@@ -285,25 +286,15 @@ class InspectPage(Page):
         self.update_actions()
 
     def _clear_preview(self) -> None:
-        for label in self.readouts.values():
-            label.setText("–")
+        self.readouts_panel.clear()
         self.layer_bars.set_layers([], np.zeros(0), np.zeros(0))
         self.weight_hist.set_thresholds(None)
 
     def _show_preview(self, preview) -> None:
-        info = self.session.info
-        file_original = info.file_bytes or info.memory_bytes
-        self.readouts["sparse"].setText(f"{preview.sparse_percent:.2f} % ({preview.outlier_percent:.2f} % "
-                                        "outliers)")
-        self.readouts["bits"].setText(f"{preview.bits_per_weight:.2f} bits (original "
-                                      f"{8 * info.quantizable_bytes / max(1, preview.n_weights):.0f})")
-        self.readouts["file"].setText(f"{human_bytes(preview.total_bytes)}  (original {human_bytes(file_original)})")
-        self.readouts["memory"].setText(f"{human_bytes(preview.total_bytes)}  (now {human_bytes(info.memory_bytes)})")
-        self.readouts["range"].setText("no outliers" if preview.range_multiplier is None else
-                                       f"r = {preview.range_multiplier:.2f} × IQR")
+        self.readouts_panel.show_preview(preview, self.session.info)
         names = [layer.name for layer in preview.layers]
-        outliers = np.array([100.0 * l.outliers / max(1, l.numel) for l in preview.layers])
-        sensitive = np.array([100.0 * l.sensitive / max(1, l.numel) for l in preview.layers])
+        outliers = np.array([100.0 * layer.outliers / max(1, layer.numel) for layer in preview.layers])
+        sensitive = np.array([100.0 * layer.sensitive / max(1, layer.numel) for layer in preview.layers])
         self.layer_bars.set_layers(names, outliers, sensitive)
         self.layer_bars.select(self.selected_matrix())
         self.heatmap.set_layers(names, outliers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyqtgraph as pg
 import torch
@@ -43,9 +45,13 @@ class HistogramPlot(pg.PlotWidget):
                                      brush=pg.mkBrush(ACCENT + "80"))
         self.addItem(self.curve)
         pen = pg.mkPen(THRESHOLD, width=2, style=Qt.PenStyle.DashLine)
-        self.threshold_lines = [pg.InfiniteLine(angle=90, pen=pen, movable=False,
-                                                label=label, labelOpts={"position": 0.92, "color": THRESHOLD})
-                                for label in ("−T {value:.3g}", "+T {value:.3g}")]
+        # both labels point inwards (never clipped at the plot's edge), at two heights (never overlapping)
+        self.threshold_lines = [
+            pg.InfiniteLine(angle=90, pen=pen, movable=False, label=label,
+                            labelOpts={"position": height, "color": THRESHOLD, "anchors": [anchor, anchor],
+                                       "fill": pg.mkBrush(255, 255, 255, 200)})
+            for label, anchor, height in (("−T {value:.3g}", (-0.05, 0.5), 0.93),
+                                          ("+T {value:.3g}", (1.05, 0.5), 0.82))]
         for line in self.threshold_lines:
             line.hide()
             self.addItem(line, ignoreBounds=True)
@@ -99,3 +105,20 @@ class HistogramPlot(pg.PlotWidget):
             return
         top = float(self.counts.max()) * 1.6
         self.markers.setData(np.asarray(xs, dtype=float), np.full(len(xs), top))
+
+
+@dataclass(frozen=True)
+class MatrixHistograms:
+    """What the Inspect page draws for one matrix (computed off the GUI thread: ~70-100 ms each for the
+    demo's largest matrix on a busy 2-core machine)."""
+
+    weights: tuple[np.ndarray, np.ndarray]
+    fisher: tuple[np.ndarray, np.ndarray, int] | None
+
+
+def matrix_histograms(module: torch.nn.Module, fisher: torch.Tensor | None) -> MatrixHistograms:
+    """Histograms of a matrix's (effective) weights and of log10 of its Fisher values."""
+    from studio.model_info import dense_weight
+
+    return MatrixHistograms(value_histogram(dense_weight(module)),
+                            log_histogram(fisher) if fisher is not None else None)

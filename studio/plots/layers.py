@@ -20,7 +20,7 @@ def _block_ticks(names: list[str]) -> list[tuple[float, str]]:
         if not starts or starts[-1][1] != block:
             starts.append((i, block))
     step = max(1, int(np.ceil(len(starts) / MAX_BLOCK_TICKS)))
-    return [(float(i), f"block {b}") for i, b in starts[::step]]
+    return [(float(i), str(b)) for i, b in starts[::step]]
 
 
 class LayerBars(pg.PlotWidget):
@@ -28,7 +28,8 @@ class LayerBars(pg.PlotWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        style_plot(self, "Per layer: share of weights kept exactly", "layer (model order)", "% of the matrix")
+        style_plot(self, "Per layer: share of weights kept exactly", "decoder block (its layers in model order)",
+                   "% of the matrix")
         self.addLegend(offset=(10, 5), brush=pg.mkBrush(255, 255, 255, 210), labelTextColor="#333333")
         self.outlier_bars = pg.BarGraphItem(x=[], height=[], width=0.45, brush=ACCENT, pen=None, name="outliers")
         self.sensitive_bars = pg.BarGraphItem(x=[], height=[], width=0.45, brush=SECOND, pen=None,

@@ -25,7 +25,7 @@ def test_load_sensitivity_readouts_quantize_evaluate_chat(qtbot, window, tiny_mo
     wait_idle(qtbot, window)
     inspect = window.pages["inspect"]
     assert window.session.stats is not None and len(window.session.stats) == 14
-    assert inspect.weight_hist.has_data
+    qtbot.waitUntil(lambda: inspect.weight_hist.has_data)
     assert not inspect.fisher_hist.has_data
 
     # sensitivity: computed in the background, then drawn for the selected matrix
@@ -33,7 +33,7 @@ def test_load_sensitivity_readouts_quantize_evaluate_chat(qtbot, window, tiny_mo
     assert inspect.samples_spin.value() == 2  # the Inspect page shares the calibration setting
     assert run_and_wait(qtbot, window, inspect.compute_button.click) == "done"
     assert window.session.fisher is not None
-    assert inspect.fisher_hist.has_data
+    qtbot.waitUntil(lambda: inspect.fisher_hist.has_data)
     assert inspect.sensitivity_panel.stage_bars["fisher"].value() == 1000
 
     # the range control moves the readouts and the threshold lines
@@ -66,7 +66,8 @@ def test_load_sensitivity_readouts_quantize_evaluate_chat(qtbot, window, tiny_mo
     assert all(quantize.layers_table.item(r, 1).text() == "done" for r in range(14))
     assert quantize.evaluate_button.isEnabled()
     # the Inspect page now shows the lookup-table values of the selected matrix
-    assert inspect.weight_hist.markers.xData is not None and len(inspect.weight_hist.markers.xData) == 16
+    qtbot.waitUntil(lambda: inspect.weight_hist.markers.xData is not None
+                    and len(inspect.weight_hist.markers.xData) == 16)
 
     # evaluate the original and the result on the same windows; the runs table and plot fill in
     quantize.evaluate_button.click()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from core.errors import UserError
-from tests.studio.helpers import open_model, run_and_wait, small_calibration, wait_idle
+from tests.studio.helpers import open_model, small_calibration, wait_idle
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_unexpected_error_names_the_log_file(qtbot, window, monkeypatch, studio_
 
 def test_one_heavy_job_at_a_time(qtbot, window):
     def slow_job():
-        for i in range(50):
+        for _ in range(50):
             time.sleep(0.02)
             yield
         return "first"

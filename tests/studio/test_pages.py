@@ -46,10 +46,10 @@ def test_inspect_page_tree_heatmap_and_controls(qtbot, window, tiny_model_dir):
     assert page.matrix_tree.topLevelItemCount() == 2  # blocks
     assert page.matrix_tree.topLevelItem(0).childCount() == 7  # modules
     assert page.selected_matrix() == "model.layers.0.self_attn.q_proj"
-    first_counts = page.weight_hist.counts.copy()
+    qtbot.waitUntil(lambda: page.weight_hist.counts.sum() == 64 * 64)  # drawn off the GUI thread
     page.heatmap.matrix_clicked.emit("model.layers.1.mlp.down_proj")  # what a click on that cell sends
     assert page.selected_matrix() == "model.layers.1.mlp.down_proj"
-    assert page.weight_hist.counts.sum() == 64 * 160 and first_counts.sum() == 64 * 64
+    qtbot.waitUntil(lambda: page.weight_hist.counts.sum() == 64 * 160)
     # readouts follow the controls (target share mode, the default)
     qtbot.waitUntil(lambda: page.readouts["bits"].text() != "–", timeout=10000)
     four_bits = page.readouts["bits"].text()
