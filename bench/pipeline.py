@@ -11,6 +11,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def main() -> None:
             size = folder_bytes(out)
         if label == "4-bit dense-and-sparse (0.45% + 0.05%)":
             for key, name in (("outliers", "outlier statistics + threshold solve"), ("split", "dense/sparse split"),
-                              ("kmeans", "weighted k-means (210 matrices)"), ("packing", "packing")):
+                              ("kmeans", "weighted k-means (210 matrices; CPU-seconds summed over the worker threads)"), ("packing", "packing")):
                 steps[name] = report.seconds.get(key, 0.0)
             steps["save folder"] = save_s
         rows.append((label, report.bits_per_weight, report.sparse_percent, report.quantized_bytes, size,
@@ -76,7 +77,8 @@ def main() -> None:
 
     total = sum(steps.values())
     not_fisher = sum(v for k, v in steps.items() if not k.startswith("Fisher"))
-    lines = [machine_line(), "", "Demo model (SmolLM2-135M-Instruct, 210 matrices), default setting (4-bit, "
+    load = os.getloadavg()[0]
+    lines = [machine_line() + f" (load average {load:.1f} at the end of the run)", "", "Demo model (SmolLM2-135M-Instruct, 210 matrices), default setting (4-bit, "
              "0.45% outliers + 0.05% sensitive), CPU:", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in steps.items()]
     lines += [f"| **total** | **{total:.1f}** |", f"| all steps but the Fisher pass | {not_fisher:.1f} |", "",
