@@ -3,10 +3,13 @@
 ``core.preview.preview`` takes ~20 ms with a range multiplier but 0.2-0.4 s with a target share on
 the demo model (it solves for the multiplier), so it runs in a light worker. Moves are debounced
 (DEBOUNCE_MS) and only the latest setting is computed: while one preview runs, newer requests
-collapse into one pending request.
+collapse into one pending request. The multiplier solved for a target share is remembered, so moving
+the bits or the sensitivity afterwards costs the fast path only.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
@@ -30,11 +33,13 @@ class Previewer(QObject):
         self.latest: Preview | None = None
         self._running = False
         self._pending = False
+        self._solved: dict[float, float] = {}  # target % -> multiplier, for the current statistics
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._start)
         session.quant_config_changed.connect(self.request)
+        session.stats_changed.connect(self._solved.clear)
         session.stats_changed.connect(self.request)
 
     @property
@@ -58,11 +63,23 @@ class Previewer(QObject):
             return
         config = self.session.quant_config
         self._running = True
-        self.runner.run_light(preview, stats, config, info.other_bytes, info.memory_bytes,
-                              on_result=lambda result: self._done(config, stats, result),
+        self.runner.run_light(preview, stats, self._with_known_multiplier(config), info.other_bytes,
+                              info.memory_bytes, on_result=lambda result: self._done(config, stats, result),
                               on_end=self._ended, action="previewing the setting")
 
+    def _with_known_multiplier(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with its target share replaced by the multiplier already solved for it (same result)."""
+        percent = config.outliers.percent
+        solved = self._solved.get(percent) if percent is not None else None
+        if solved is None or config.method != "squeezellm" or not config.outliers.enabled:
+            return config
+        outliers = dataclasses.replace(config.outliers, range_multiplier=solved, percent=None)
+        return dataclasses.replace(config, outliers=outliers)
+
     def _done(self, config: QuantConfig, stats: list, result: Preview) -> None:
+        if config.outliers.percent is not None and result.range_multiplier is not None:
+            if stats is self.session.stats:
+                self._solved[config.outliers.percent] = result.range_multiplier
         if config == self.session.quant_config and stats is self.session.stats:
             self.latest = result
             self.ready.emit(result)

@@ -76,3 +76,17 @@ def window(qtbot):
     main.close()
     qtbot.waitUntil(lambda: not main.runner.busy and not main.isVisible(), timeout=30000)
     main.deleteLater()
+
+
+@pytest.fixture(scope="session")
+def quantized_dir(tmp_path_factory, tiny_model_dir, corpus_file):
+    """The tiny model quantized to 4 bits by the core pipeline (a folder the studio can open)."""
+    from core.config import CalibrationConfig
+    from core.pipeline import QuantizeJob, run_quantize_job
+    from core.progress import run_to_end
+
+    output = tmp_path_factory.mktemp("quantized") / "tiny-sq4"
+    job = QuantizeJob(model=str(tiny_model_dir), output=output, device="cpu",
+                      calibration=CalibrationConfig(source=str(corpus_file), samples=2, seqlen=64))
+    run_to_end(run_quantize_job(job))
+    return output

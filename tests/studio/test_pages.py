@@ -166,3 +166,26 @@ def test_chat_without_a_model_cannot_send(window):
     item = window.sidebar.item(4)
     assert item.text() == "Chat" and item.toolTip()
     assert Qt.ItemFlag.ItemIsEnabled & item.flags()
+
+
+def test_opening_a_quantized_folder(qtbot, window, quantized_dir):
+    assert open_model(qtbot, window, quantized_dir) == "done"
+    wait_idle(qtbot, window)
+    model_page = window.pages["model"]
+    assert "(quantized)" in model_page.facts["name"].text()
+    assert model_page.layers_table.rowCount() == 14
+    assert model_page.layers_table.item(0, 3).text().startswith("4-bit LUT")
+    assert model_page.facts["estimate4"].text() == "already quantized"
+    inspect = window.pages["inspect"]
+    assert window.current_page_name() == "inspect" and window.session.stats is None  # nothing to tune
+    assert "already quantized" in inspect.analyse_status.text()
+    qtbot.waitUntil(lambda: inspect.weight_hist.has_data)  # the effective (dequantized) weights
+    qtbot.waitUntil(lambda: inspect.weight_hist.markers.xData is not None)
+    assert len(inspect.weight_hist.markers.xData) == 16
+    assert not inspect.compute_button.isEnabled()
+    assert not window.pages["quantize"].run_button.isEnabled()
+    chat = window.pages["chat"]
+    assert chat.mode_combo.currentData() == "quantized" and chat.send_button.isEnabled()
+    evaluate = window.pages["evaluate"]
+    assert [evaluate.models_list.item(i).text() for i in range(evaluate.models_list.count())] == \
+        ["Quantized: tiny-sq4"]
