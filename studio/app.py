@@ -29,8 +29,11 @@ def create_window(model: str | None = None):
     app.setStyle("Fusion")  # the stylesheet is written against Fusion, the same on every platform
     app.setStyleSheet(stylesheet())
 
+    from studio.gc_guard import GuiThreadGarbageCollector
     from studio.main_window import MainWindow
 
+    if not hasattr(app, "_squeeze_gc"):
+        app._squeeze_gc = GuiThreadGarbageCollector(app)
     window = MainWindow()
     _report_uncaught_errors(window)
     window.show()

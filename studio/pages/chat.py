@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.chat import ChatSession
+from core.config import ChatConfig
 from studio.jobs import chat_job
 from studio.pages.base import Page, group
 from studio.widgets.config_form import ConfigForm
@@ -49,7 +50,8 @@ class ChatPage(Page):
         self.result_combo.setToolTip("Which quantized result answers")
         self.system_edit = QPlainTextEdit()
         self.system_edit.setPlaceholderText("Optional: instructions the model sees before the conversation")
-        self.system_edit.setToolTip(ChatSession.__doc__.splitlines()[0])
+        self.system_edit.setToolTip(next(f for f in dataclasses.fields(ChatConfig)
+                                         if f.name == "system_prompt").metadata["tooltip"])
         self.system_edit.setMaximumHeight(70)
         self.settings_form = ConfigForm(session.chat_config,
                                         ["temperature", "top_p", "max_new_tokens", "repetition_penalty"])

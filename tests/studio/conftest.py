@@ -3,6 +3,8 @@ and a guard that fails any test leaving a worker thread running."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 CORPUS_SENTENCES = (
@@ -21,6 +23,16 @@ def studio_home(tmp_path, monkeypatch):
     home = tmp_path / "studio-home"
     monkeypatch.setenv("SQUEEZE_STUDIO_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="package", autouse=True)
+def gui_thread_gc(qapp):
+    """As in the app: cyclic garbage (Qt wrappers of closed windows) is collected on the GUI thread only."""
+    from studio.gc_guard import GuiThreadGarbageCollector
+
+    guard = GuiThreadGarbageCollector()
+    yield guard
+    guard.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +88,7 @@ def window(qtbot):
     main.close()
     qtbot.waitUntil(lambda: not main.runner.busy and not main.isVisible(), timeout=30000)
     main.deleteLater()
+    gc.collect()  # here, on the GUI thread, not later in some worker
 
 
 @pytest.fixture(scope="session")

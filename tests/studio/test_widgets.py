@@ -134,3 +134,39 @@ def test_importing_the_studio_starts_nothing_and_help_works():
     assert out.returncode == 0 and out.stdout.strip() == "quiet", out.stderr
     helped = subprocess.run([sys.executable, "-m", "studio", "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--model" in helped.stdout
+
+
+def test_garbage_is_collected_on_the_gui_thread_only(qtbot):
+    import gc
+    import threading
+
+    from studio.gc_guard import GuiThreadGarbageCollector
+
+    was_enabled = gc.isenabled()
+    collected_in: list[str] = []
+
+    def note(phase, _info):
+        if phase == "start":
+            collected_in.append(threading.current_thread().name)
+
+    def make_garbage():
+        for _ in range(50 * gc.get_threshold()[0]):
+            cycle: list = []
+            cycle.append(cycle)
+
+    guard = GuiThreadGarbageCollector(interval_ms=20)
+    gc.callbacks.append(note)
+    try:
+        assert not gc.isenabled()
+        worker = threading.Thread(target=make_garbage, name="worker")
+        worker.start()
+        worker.join()
+        assert "worker" not in collected_in  # a busy worker never triggers a collection
+        guard.thresholds = (-1, 10**9, 10**9)  # collect generation 0 at the next tick
+        qtbot.waitUntil(lambda: bool(collected_in), timeout=3000)
+        assert set(collected_in) == {threading.main_thread().name}
+    finally:
+        gc.callbacks.remove(note)
+        guard.stop()
+        if not was_enabled:
+            gc.disable()
