@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <pthread.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +19,10 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -38,26 +43,34 @@ constexpr int kMaxRows = 8;    // mat-vec path handles up to this many rows per 
 // Rows [t0, t1) of the lookup table as fp32, 16 floats per row (see decode_group for the layout).
 void fill_luts(const at::Tensor& lut, int bits, int64_t t0, int64_t t1, float* dst) {
   const int entries = 1 << bits;
-  for (int64_t n = t0; n < t1; ++n) {
-    float* row = dst + (n - t0) * 16;
-    switch (lut.scalar_type()) {
-      case at::kFloat:
-        std::memcpy(row, lut.data_ptr<float>() + n * entries, sizeof(float) * entries);
-        break;
-      case at::kHalf: {
-        const at::Half* src = lut.data_ptr<at::Half>() + n * entries;
-        for (int i = 0; i < entries; ++i) row[i] = static_cast<float>(src[i]);
-        break;
-      }
-      case at::kBFloat16: {
-        const at::BFloat16* src = lut.data_ptr<at::BFloat16>() + n * entries;
-        for (int i = 0; i < entries; ++i) row[i] = static_cast<float>(src[i]);
-        break;
-      }
-      default:
-        TORCH_CHECK(false, "lookup_table must be float32, float16 or bfloat16, got ", lut.scalar_type());
+  const int64_t count = (t1 - t0) * entries;
+  const auto type = lut.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+              "lookup_table must be float32, float16 or bfloat16, got ", type);
+  // Convert the run of rows in one pass into a packed buffer, then spread it to 16-float rows.
+  float* packed = entries == 16 ? dst : dst + (t1 - t0) * 16 - count;  // tail of dst: spreading never overtakes it
+  if (type == at::kFloat) {
+    std::memcpy(packed, static_cast<const float*>(lut.const_data_ptr()) + t0 * entries, sizeof(float) * count);
+  } else if (type == at::kHalf) {
+    const auto* src = reinterpret_cast<const uint16_t*>(lut.const_data_ptr()) + t0 * entries;
+    int64_t i = 0;
+#if SQUEEZE_AVX2
+    for (; i + 8 <= count; i += 8)
+      _mm256_storeu_ps(packed + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+    for (; i < count; ++i) packed[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
+  } else {
+    const auto* src = reinterpret_cast<const uint16_t*>(lut.const_data_ptr()) + t0 * entries;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t bits32 = static_cast<uint32_t>(src[i]) << 16;  // bf16 is the top half of an fp32
+      std::memcpy(packed + i, &bits32, sizeof(float));
     }
-    if (bits == 2) std::memcpy(row + 4, row, sizeof(float) * 4);
+  }
+  if (entries < 16) {
+    for (int64_t n = 0; n < t1 - t0; ++n) {
+      std::memmove(dst + n * 16, packed + n * entries, sizeof(float) * entries);
+      if (bits == 2) std::memcpy(dst + n * 16 + 4, dst + n * 16, sizeof(float) * 4);
+    }
   }
 }
 
@@ -137,24 +150,23 @@ inline float hsum(__m256 v) {
 // column keeps an 8-lane partial sum per input row in `acc` [(t1-t0) * R].
 template <int BITS, int R>
 void tile_dots(const int32_t* q, int64_t out, int64_t groups, const float* luts, const float* x, int64_t ldx,
-               int64_t t0, int64_t t1, __m256* acc, float* dots) {
+               int64_t t0, int64_t t1, __m256* __restrict acc, float* dots) {
   const int64_t width = t1 - t0;
   for (int64_t i = 0; i < width * R; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const int32_t* words = q + g * BITS * out;
-    const float* xg = x + g * kGroup;
+    const int32_t* words = q + g * BITS * out + t0;
+    __m256 xv[R][4];  // this group's inputs, in registers for the whole sweep (acc cannot alias them)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) xv[r][i] = _mm256_loadu_ps(x + r * ldx + g * kGroup + 8 * i);
     for (int64_t c = 0; c < width; ++c) {
-      if ((c & 15) == 0 && g + 1 < groups)
-        for (int j = 0; j < BITS; ++j) _mm_prefetch(reinterpret_cast<const char*>(words + (BITS + j) * out + t0 + c), _MM_HINT_T0);
       __m256 w[4];
-      decode_group<BITS>(words + t0 + c, out, luts + c * 16, w);
+      decode_group<BITS>(words + c, out, luts + c * 16, w);
       __m256* a = acc + c * R;
       for (int r = 0; r < R; ++r) {
-        const float* xr = xg + r * ldx;
-        __m256 s = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a[r]);
-        s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), s);
-        s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), s);
-        a[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), s);
+        __m256 s = _mm256_fmadd_ps(w[0], xv[r][0], a[r]);
+        s = _mm256_fmadd_ps(w[1], xv[r][1], s);
+        s = _mm256_fmadd_ps(w[2], xv[r][2], s);
+        a[r] = _mm256_fmadd_ps(w[3], xv[r][3], s);
       }
     }
   }
@@ -264,12 +276,90 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
 }
 
 // --- work sharing ---------------------------------------------------------------------------------
+//
+// Chunks of a call are claimed from a shared counter by the caller and by helper threads, so the
+// caller waits only for chunks already claimed, never for a helper that has not started. An OpenMP
+// team instead stalls every call until its last thread gets a time slice: on a busy 2-core machine
+// that made decode 7x slower than one thread. Helpers spin briefly after each job (kernel calls come
+// back to back while decoding, and waking a sleeping thread costs as long as a small call), then
+// sleep. A helper that wakes late finds no chunk left and never touches the finished call's data.
 
-// body(c) for every chunk c in [0, chunks), on this thread and on up to get_num_threads()-1 helper
-// tasks of torch's inter-op pool. Chunks are claimed from a shared counter, so the caller waits only
-// for chunks already claimed, never for a helper that has not started: on a busy machine an OpenMP
-// team stalls every call until its last thread gets a time slice (measured 7x slower decode than
-// one thread under load), while here a late helper simply finds no work left. body must not throw.
+struct Job {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+  std::function<void(int64_t)> body;
+  // Runs chunks until none is left.
+  void drain() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      body(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+class Helpers {
+ public:
+  static Helpers& instance() { return *slot(); }
+
+  // Publish `job` to up to `count` helper threads (started on first need).
+  void publish(const std::shared_ptr<Job>& job, int64_t count) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int64_t>(started_) < count) {
+      std::thread([this] { loop(); }).detach();
+      ++started_;
+    }
+    job_ = job;
+    generation_.fetch_add(1, std::memory_order_release);
+    if (sleeping_ > 0) wake_.notify_all();
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
+      for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        if ((i & 63) == 63) {
+          if (std::chrono::steady_clock::now() > spin_until) break;
+          std::this_thread::yield();  // let other runnable threads (torch's own) have the core
+        }
+#if SQUEEZE_AVX2
+        _mm_pause();
+#endif
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ++sleeping_;
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        --sleeping_;
+        seen = generation_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      if (job) job->drain();
+    }
+  }
+
+  // Never destroyed (detached threads may outlive main); a forked child, which has none of the
+  // threads and maybe a locked mutex, starts over with a fresh instance.
+  static Helpers*& slot() {
+    static Helpers* helpers = [] {
+      pthread_atfork(nullptr, nullptr, [] { slot() = new Helpers(); });
+      return new Helpers();
+    }();
+    return helpers;
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
+  size_t started_ = 0;
+  int sleeping_ = 0;
+};
+
+// body(c) for every chunk c in [0, chunks), shared with up to get_num_threads()-1 helpers.
+// body must not throw (errors are flagged and checked by the caller afterwards).
 template <typename Body>
 void parallel_chunks(int64_t chunks, const Body& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
@@ -277,26 +367,20 @@ void parallel_chunks(int64_t chunks, const Body& body) {
     for (int64_t c = 0; c < chunks; ++c) body(c);
     return;
   }
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  const Body* work = &body;  // dereferenced only for a claimed chunk, i.e. while the caller waits
-  auto drain = [counters, work, chunks] {
-    for (int64_t c; (c = counters->next.fetch_add(1)) < chunks;) {
-      (*work)(c);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) at::launch(drain);
-  drain();
-  while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  auto job = std::make_shared<Job>();
+  job->chunks = chunks;
+  job->body = [&body](int64_t c) { body(c); };  // a late helper only calls it for a claimed chunk
+  Helpers::instance().publish(job, threads - 1);
+  job->drain();
+  for (int i = 0; job->done.load(std::memory_order_acquire) < chunks; ++i) {
+    if ((i & 63) == 63) std::this_thread::yield();  // a helper was preempted inside its chunk
+  }
 }
 
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
 // Columns per chunk of work: their partial sums (8 floats per row and column) and LUTs stay in L1.
-inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 128 : 64; }
+inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 256 : 64; }
 
 // y[r, n] = decoded column n . x[r] + sparse row n . x[r] + bias[n], for rows r < rows <= kMaxRows.
 void lut_matvec(const at::Tensor& xp, const at::Tensor& qweight, const at::Tensor& lut, int bits, int64_t in_features,

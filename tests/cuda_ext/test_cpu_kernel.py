@@ -171,3 +171,15 @@ def test_a_missing_compiler_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr(jit.shutil, "which", lambda name: None)
     assert "no C++ compiler" in jit.compiler_missing()
+
+
+@pytest.mark.parametrize("lut_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_lookup_table_dtype(cpu, lut_dtype, bits):
+    for shape in ((33, 7), (64, 300)):
+        layer = random_layer(*shape, bits, lut_dtype=lut_dtype, bias=True)
+        x = torch.randn(2, shape[0])
+        assert_close_to_reference(cpu.lut_matmul(x, **layer), x, layer)
+        args = [layer[k] for k in ("qweight", "lookup_table", "bits", "in_features", "sparse_rows", "sparse_cols",
+                                   "sparse_vals")]
+        assert torch.equal(cpu.dequantize(*args), kernels.dequantize(*args))
