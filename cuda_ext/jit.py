@@ -44,7 +44,7 @@ def compiler_missing() -> str | None:
 
 
 def build_folder(name: str, sources: list[Path], flags: list[str]) -> tuple[str, Path]:
-    """(module name, build folder) keyed by the sources' bytes and the flags."""
+    """(module name, build folder) keyed by the bytes of the sources (and headers) and the flags."""
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.read_bytes())
@@ -53,15 +53,17 @@ def build_folder(name: str, sources: list[Path], flags: list[str]) -> tuple[str,
     return f"{name}_{tag}", cache_root() / f"{name}_{tag}"
 
 
-def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], **kwargs) -> str:
+def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], headers: list[Path] = (),
+          **kwargs) -> str:
     """Compile ``sources`` into a shared library loaded into this process (its TORCH_LIBRARY ops register).
 
-    Returns the library's path. Raises RuntimeError with the compiler's message on failure, and
-    immediately when an earlier process recorded a failure of the same build.
+    headers: files the sources include (part of the cache key). Returns the library's path.
+    Raises RuntimeError with the compiler's message on failure, and immediately when an earlier
+    process recorded a failure of the same build.
     """
     from torch.utils import cpp_extension
 
-    module_name, folder = build_folder(name, sources, cflags + ldflags + sorted(kwargs))
+    module_name, folder = build_folder(name, [*sources, *headers], cflags + ldflags + sorted(kwargs))
     failed = folder / "FAILED"
     if failed.exists():
         raise RuntimeError(f"an earlier build failed (see {failed}; delete it to retry): "
