@@ -41,6 +41,19 @@ def _backend(device: torch.device) -> str:
     return "torch"
 
 
+def _cpu_kernel():
+    """cuda_ext.cpu, imported once (a per-call ``from cuda_ext import cpu`` costs about a microsecond)."""
+    global _CPU_KERNEL
+    if _CPU_KERNEL is None:
+        from cuda_ext import cpu
+
+        _CPU_KERNEL = cpu
+    return _CPU_KERNEL
+
+
+_CPU_KERNEL = None
+
+
 def _has_sparse(sparse_vals: torch.Tensor | None) -> bool:
     return sparse_vals is not None and sparse_vals.numel() > 0
 
@@ -87,10 +100,8 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
     # The compiled kernels have no backward: a graph that needs gradients takes the reference.
     backend = "torch" if x.requires_grad and torch.is_grad_enabled() else _backend(x.device)
     if backend == "cpu-ext":
-        from cuda_ext import cpu
-
-        return cpu.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
-                              sparse_vals, bias)
+        return _cpu_kernel().lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
+                                        sparse_vals, bias)
     if backend == "cuda-ext":
         from cuda_ext import ops
 

@@ -44,6 +44,9 @@ def load(kind: str = "cpu"):
 
     Thread-safe; the first failure is logged once and remembered (see ``unavailable_reason``).
     """
+    loaded = _loaded.get(kind)  # lock-free fast path: this runs on every quantized layer call
+    if loaded is not None:
+        return loaded
     with _lock:
         if kind in _loaded:
             return _loaded[kind]

@@ -63,7 +63,8 @@ def build(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
     """
     from torch.utils import cpp_extension
 
-    module_name, folder = build_folder(name, [*sources, *headers], cflags + ldflags + sorted(kwargs))
+    keyed_flags = cflags + ldflags + [f"{key}={value}" for key, value in sorted(kwargs.items())]
+    module_name, folder = build_folder(name, [*sources, *headers], keyed_flags)
     failed = folder / "FAILED"
     if failed.exists():
         raise RuntimeError(f"an earlier build failed (see {failed}; delete it to retry): "

@@ -81,7 +81,7 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
 // Columns per chunk of work: their partial sums (8 floats per row and column) and LUTs stay in L1.
-inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 256 : 64; }
+inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 128 : 64; }
 
 // y[r, n] = decoded column n . x[r] + sparse row n . x[r] + bias[n], for rows r < rows <= kMaxRows.
 void lut_matvec(const at::Tensor& xp, const at::Tensor& lut, const at::Tensor& qweight, int bits, int64_t in_features,

@@ -147,6 +147,10 @@ void tile_dots(const int32_t* q, int64_t out, int64_t groups, const float* luts,
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) xv[r][i] = _mm256_loadu_ps(x + r * ldx + g * kGroup + 8 * i);
     for (int64_t c = 0; c < width; ++c) {
+      // The next group's rows come from memory while this one is decoded: the tile reads only
+      // width*4 bytes of each row, too short a run for the hardware prefetcher to catch up.
+      if ((c & 15) == 0 && g + 1 < groups)
+        for (int j = 0; j < BITS; ++j) _mm_prefetch(reinterpret_cast<const char*>(words + (BITS + j) * out + c), _MM_HINT_T0);
       __m256 w[4];
       decode_group<BITS>(words + c, out, luts + c * 16, w);
       __m256* a = acc + c * R;

@@ -59,6 +59,10 @@ void tile_dots_fp16x4(const int32_t* q, int64_t out, int64_t groups, const uint8
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) xv[r][i] = _mm256_loadu_ps(xperm + r * ldx + g * kGroup + 8 * i);
     for (int64_t c = 0; c < width; c += 8) {
+      // The next group's rows come from memory while this one is decoded: the tile reads only
+      // width*4 bytes of each row, too short a run for the hardware prefetcher to catch up.
+      if ((c & 15) == 0 && g + 1 < groups)
+        for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(words + (4 + j) * out + c), _MM_HINT_T0);
       // Rows j = 0..3 of the group for 8 columns, transposed: pair p holds columns c+p and c+p+4.
       const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + c));
       const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + out + c));
