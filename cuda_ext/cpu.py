@@ -22,8 +22,9 @@ import torch
 
 from cuda_ext import jit
 
-SOURCE = jit.CSRC / "cpu_lut.cpp"
-HEADERS = sorted(jit.CSRC.glob("cpu_lut*.h"))
+# Every cpu_*.cpp is one translation unit of the library; cpu_*.h are the headers they include.
+SOURCES = sorted(jit.CSRC.glob("cpu_*.cpp"))
+HEADERS = sorted(jit.CSRC.glob("cpu_*.h"))
 # Up to this many input rows the LUT mat-vec reads the packed codes once per 8 rows; beyond it
 # dequantizing to fp32 and one BLAS GEMM is faster (bench/cpu_inference.py --crossover).
 MAX_MATVEC_ROWS = 8
@@ -64,7 +65,7 @@ def build() -> str:
     """Compile (once per machine; cached) and load the library; register the fake implementations."""
     flags = compile_flags()
     global _lut_matmul_op
-    path = jit.build("squeeze_cpu", [SOURCE], flags, ["-fopenmp"] if "-fopenmp" in flags else [], HEADERS)
+    path = jit.build("squeeze_cpu", SOURCES, flags, ["-fopenmp"] if "-fopenmp" in flags else [], HEADERS)
     _register_fakes()
     _lut_matmul_op = torch.ops.squeeze.lut_matmul_cpu.default  # resolved once: ~1 us less per call
     return path
