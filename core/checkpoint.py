@@ -1,7 +1,10 @@
 """Quantized model folders: save atomically, load without materialising dense weights.
 
 A folder holds ``config.json`` (the model's config plus a ``quantization_config``
-block: method, bits, sparsity settings, per-module layout, format version), the
+block: method, bits, sparsity settings, per-module layout with each module's bits, format
+version, and ``bits_overrides`` (name -> bits of the modules whose width differs from the
+config's, present only for mixed precision; readers of format 1 that ignore it still load
+each module at its own width from the layout)), the
 tokenizer files, and ``model.safetensors`` with the packed tensors of every quantized
 module (``<name>.qweight``, ``.lookup_table``, ``.sparse_rows/cols/vals``, ``.bias``)
 and every other tensor of the model as it was.
@@ -35,6 +38,36 @@ def module_layout(model: torch.nn.Module) -> dict[str, dict]:
         if callable(describe):
             layout[name] = describe()
     return layout
+
+
+def bits_overrides(layout: dict[str, dict], default_bits: int | None) -> dict[str, int]:
+    """name -> bits of every quantized module whose width differs from ``default_bits`` (mixed precision).
+
+    Empty when every module has the default width (or no default is known), so folders of a single
+    width look exactly as before.
+    """
+    if default_bits is None:
+        return {}
+    return {name: int(info["bits"]) for name, info in layout.items()
+            if "bits" in info and int(info["bits"]) != int(default_bits)}
+
+
+def layer_bits(block: dict) -> dict[str, int]:
+    """name -> bits of every quantized module of a ``quantization_config`` block.
+
+    The per-module layout is authoritative; ``bits_overrides`` and then the config's bits fill in
+    for a layout entry that does not say (hand-written or older folders).
+    """
+    default = (block.get("config") or {}).get("bits")
+    overrides = block.get("bits_overrides") or {}
+    result = {}
+    for name, info in (block.get("modules") or {}).items():
+        bits = info.get("bits", overrides.get(name, default))
+        if bits is None:
+            raise UserError(f"quantized module {name!r} does not say its bit width in config.json: "
+                            "the folder is incomplete; quantize the model again")
+        result[name] = int(bits)
+    return result
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
@@ -79,8 +112,11 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
         save_file(_unique_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")
         config = model.config.to_dict()
+        layout = module_layout(model)
+        overrides = bits_overrides(layout, (settings.get("config") or {}).get("bits"))
         config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                         **settings, "modules": module_layout(model)}
+                                         **settings, **({"bits_overrides": overrides} if overrides else {}),
+                                         "modules": layout}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -171,8 +207,9 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     dtype = next((t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    widths = layer_bits(block)
     for name, info in block.get("modules", {}).items():
-        model.set_submodule(name, build_quantized_module(info))
+        model.set_submodule(name, build_quantized_module({**info, "bits": widths[name]}))
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _check_complete(model, folder, result.unexpected_keys)

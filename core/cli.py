@@ -52,7 +52,11 @@ def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
 
 
 def _add_quant_settings(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, choices=(3, 4), help="bits per dense weight (default 4)")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--bits", type=int, choices=(3, 4), help="bits per dense weight (default 4)")
+    width.add_argument("--target-bits", type=float, metavar="B",
+                       help="mixed precision: average bits per dense weight between 3 and 4 (e.g. 3.5); each "
+                            "matrix gets 3 or 4 bits, 4 where it lowers the sensitivity-weighted error most")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--outlier-range", type=float, metavar="R",
                    help="outliers beyond Q1-R*IQR / Q3+R*IQR of each matrix (the original's --range)")
@@ -79,8 +83,8 @@ def quant_config_from(args: argparse.Namespace):
     else:
         percent = 0.45 if args.outlier_percent is None else args.outlier_percent
         outliers = OutlierConfig(percent=percent or None)
-    return QuantConfig(bits=args.bits, method=args.method, outliers=outliers,
-                       sensitivity_percent=args.sensitivity)
+    return QuantConfig(bits=4 if args.bits is None else args.bits, method=args.method, outliers=outliers,
+                       sensitivity_percent=args.sensitivity, target_bits=args.target_bits)
 
 
 def calibration_from(args: argparse.Namespace):

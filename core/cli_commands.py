@@ -28,10 +28,22 @@ def _run_quantize(args: argparse.Namespace) -> int:
                       calibration=calibration_from(args), device=args.device, overwrite=args.overwrite)
     report = drive(run_quantize_job(job), args.quiet)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    if job.config.target_bits is not None:
+        print(f"mixed precision: {_split_text(report.matrices_per_bits)}, {report.dense_bits:.3f} bits per dense "
+              f"weight (target {job.config.target_bits})")
     print(f"wrote {args.output}: {report.bits_per_weight:.3f} bits per weight, "
           f"{report.sparse_percent:.3f}% sparse, quantized layers {format_bytes(report.quantized_bytes)}, "
           f"folder {format_bytes(folder_bytes(args.output))} ({steps})")
     return 0
+
+
+def _split_text(matrices_per_bits: dict[int, int]) -> str:
+    """bits -> count as '105 matrices at 3 bits, 105 at 4 bits'."""
+    parts = [f"{n} at {bits} bits" for bits, n in sorted(matrices_per_bits.items())]
+    if not parts:
+        return "no matrices"
+    parts[0] = parts[0].replace(" at ", " matrices at ", 1)
+    return ", ".join(parts)
 
 
 # ---- inspect ----------------------------------------------------------------------------------------
@@ -72,7 +84,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     r = f"{result.range_multiplier:.3f}" if result.range_multiplier is not None else "none"
     note = "" if fisher is not None else " (sensitivity not computed: overlaps with outliers not counted; --fisher)"
     print(f"IQR multiplier {r}; outliers {result.outlier_percent:.3f}%, sparse {result.sparse_percent:.3f}%{note}")
-    print(f"{config.bits}-bit: {result.bits_per_weight:.3f} bits per weight; model {format_bytes(result.total_bytes)} "
+    width = f"{config.bits}-bit" if config.target_bits is None else f"mixed 3/4-bit (target {config.target_bits})"
+    print(f"{width}: {result.bits_per_weight:.3f} bits per weight; model {format_bytes(result.total_bytes)} "
           f"(now {format_bytes(result.original_bytes)})")
     return 0
 
@@ -84,15 +97,23 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from core.checkpoint import read_quantization_config
+    from core.checkpoint import layer_bits, read_quantization_config
 
     block = read_quantization_config(args.folder)
     config = block.get("config", {})
     modules = block.get("modules", {})
     nnz = sum(m.get("nnz", 0) for m in modules.values())
+    per_bits: dict[int, int] = {}
+    for bits in layer_bits(block).values():
+        per_bits[bits] = per_bits.get(bits, 0) + 1
+    if len(per_bits) > 1 or config.get("target_bits") is not None:
+        target = f", target {config['target_bits']}" if config.get("target_bits") is not None else ""
+        width = f"mixed: {_split_text(per_bits)}{target}"
+    else:
+        width = f"{next(iter(per_bits), config.get('bits', '?'))} bits"
     print(f"folder:          {args.folder.resolve()}")
     print(f"source model:    {block.get('source_model', '?')}")
-    print(f"method:          {config.get('method', '?')}, {config.get('bits', '?')} bits")
+    print(f"method:          {config.get('method', '?')}, {width}")
     outliers = config.get("outliers") or {}
     print(f"outliers:        range x{outliers.get('range_multiplier')} / target {outliers.get('percent')}% "
           f"(multiplier used {block.get('range_multiplier')})")

@@ -16,6 +16,7 @@ C = TypeVar("C")
 
 METHODS = ("squeezellm", "rtn", "rtn-g128")
 SUPPORTED_BITS = (2, 3, 4)
+MIXED_BITS = (3, 4)  # the widths a target_bits budget chooses between, per matrix
 
 
 def _hint(label: str, tooltip: str, **kw: Any) -> dict[str, Any]:
@@ -79,15 +80,33 @@ class QuantConfig:
         "k-means iterations", "Upper bound of Lloyd iterations per row.", min=1, max=1000))
     seed: int = field(default=0, metadata=_hint("Seed", "Seed of the k-means++ initialisation.",
                                                 min=0, max=2**31 - 1))
+    target_bits: float | None = field(default=None, metadata=_hint(
+        "Target bits (mixed)", "Average bits per dense weight, between 3 and 4: each matrix gets 3 or 4 "
+        "bits, the 4-bit ones being those whose sensitivity-weighted error drops most per extra bit. "
+        "Off: every matrix uses Bits. Quantizing takes about twice as long.",
+        min=MIXED_BITS[0], max=MIXED_BITS[1], step=0.05))
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.target_bits is not None:
+            if self.method != "squeezellm":
+                raise ValueError(f"a target of {self.target_bits} bits (mixed precision) needs method "
+                                 f"squeezellm, not {self.method}: drop the target or use squeezellm")
+            if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)):
+                raise ValueError(f"target bits = {self.target_bits!r} is not a number: use e.g. 3.5")
+            _check_range("target bits", self.target_bits, *MIXED_BITS,
+                         "each matrix gets 3 or 4 bits, so use an average such as 3.5")
         _check_range("sensitivity", self.sensitivity_percent, 0.0, 10.0,
                      "it is in percent, e.g. 0.05 means 0.05%")
         _check_range("k-means iterations", self.kmeans_max_iter, 1, 1000, "use e.g. 50")
+
+    @property
+    def mixed_precision(self) -> bool:
+        """True when each matrix gets its own width (3 or 4 bits) under ``target_bits``."""
+        return self.target_bits is not None
 
     @property
     def dense_and_sparse(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.config import QuantConfig
+from core.config import MIXED_BITS, QuantConfig
 from core.outliers import OutlierStats, solve_range_multiplier
 from core.progress import ProgressEvent
 
@@ -135,5 +135,16 @@ def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, ori
             n_sens = sensitive_count(m.stats.numel, sensitivity)
             n_sparse = n_out + n_sens
         layers.append(LayerPreview(m.name, m.shape, threshold, n_out, n_sens, n_sparse))
-        total += packed_layer_bytes(m.shape[0], m.shape[1], config.bits, n_sparse)
-    return Preview(multiplier, tuple(layers), total, other_bytes, original_bytes)
+        total += _layer_bytes(m.shape, config, n_sparse)
+    return Preview(multiplier, tuple(layers), round(total), other_bytes, original_bytes)
+
+
+def _layer_bytes(shape: tuple[int, int], config: QuantConfig, nnz: int) -> float:
+    """Stored bytes of one matrix; with ``target_bits`` the budget is taken as met exactly, as if a
+    share (target - 3) of every matrix were at 4 bits (the real split is per matrix)."""
+    if config.target_bits is None:
+        return packed_layer_bytes(shape[0], shape[1], config.bits, nnz)
+    low, high = MIXED_BITS
+    share = (config.target_bits - low) / (high - low)
+    return ((1 - share) * packed_layer_bytes(shape[0], shape[1], low, nnz)
+            + share * packed_layer_bytes(shape[0], shape[1], high, nnz))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +23,8 @@ from core.layers import SqueezeLinear
 from core.outliers import OutlierStats, iqr_threshold, quartiles, sanitize_fisher, solve_range_multiplier, sparse_mask
 from core.packing import dense_to_csr
 from core.progress import ProgressEvent
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class LayerReport:
     sparse: int
     weighted_error: float
     relative_error: float
+    # (bits, Fisher-weighted error) of every width tried; mixed precision tries 3 and 4
+    weighted_errors: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,27 @@ class QuantReport:
     def sparse_percent(self) -> float:
         return 100.0 * sum(layer.sparse for layer in self.layers) / max(1, self.n_weights)
 
+    @property
+    def layer_bits(self) -> dict[str, int]:
+        """name -> bits of each quantized matrix (all equal unless ``target_bits`` was set)."""
+        return {layer.name: layer.bits for layer in self.layers}
+
+    @property
+    def dense_bits(self) -> float:
+        """Average code bits per weight (what ``target_bits`` budgets: no LUT, no sparse part)."""
+        numel = sum(layer.numel for layer in self.layers)
+        if not numel:
+            return float(self.config.get("bits", 0))
+        return sum(layer.bits * layer.numel for layer in self.layers) / numel
+
+    @property
+    def matrices_per_bits(self) -> dict[int, int]:
+        """bits -> number of matrices quantized at that width, ascending."""
+        counts: dict[int, int] = {}
+        for layer in self.layers:
+            counts[layer.bits] = counts.get(layer.bits, 0) + 1
+        return dict(sorted(counts.items()))
+
 
 def quantize_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, bits: int, *,
                     threshold: float | None = None, sensitivity_percent: float = 0.0,
@@ -83,21 +113,43 @@ def quantize_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, bits: int
     2**bits centroids; entries chosen by ``sparse_mask`` are kept exactly as residuals in CSR.
     timings: if given, seconds spent in "split" and "kmeans" are added to it.
     """
+    return quantize_matrix_widths(weight, fisher, (bits,), threshold=threshold,
+                                  sensitivity_percent=sensitivity_percent, max_iter=max_iter, seed=seed,
+                                  timings=timings)[bits]
+
+
+def quantize_matrix_widths(weight: torch.Tensor, fisher: torch.Tensor | None, widths: tuple[int, ...], *,
+                           threshold: float | None = None, sensitivity_percent: float = 0.0,
+                           max_iter: int = 50, seed: int = 0, timings: dict[str, float] | None = None
+                           ) -> dict[int, QuantizedMatrix]:
+    """``quantize_matrix`` at several bit widths from one dense/sparse split: bits -> result.
+
+    Same arguments as ``quantize_matrix``; the sparse part (and so ``n_sparse``) is identical for
+    every width, only the k-means of the dense part runs once per width.
+    """
     clock = _Stopwatch(timings)
     w = weight.detach().float()
     f = sanitize_fisher(fisher.to(w.device)) if fisher is not None else torch.ones_like(w)
     mask = sparse_mask(w, f, threshold, sensitivity_percent)
     n_outliers = int((w.abs() >= threshold).sum()) if threshold is not None else 0
-    dense = w.masked_fill(mask, 0.0)
+    dense, dense_fisher = w.masked_fill(mask, 0.0), f.masked_fill(mask, 0.0)
     clock.lap("split")
-    centroids, codes = weighted_kmeans_1d(dense, f.masked_fill(mask, 0.0), 1 << bits,
-                                          max_iter=max_iter, seed=seed)
-    clock.lap("kmeans")
+    results = {}
+    for bits in widths:
+        centroids, codes = weighted_kmeans_1d(dense, dense_fisher, 1 << bits, max_iter=max_iter, seed=seed)
+        clock.lap("kmeans")
+        results[bits] = _assemble(w, f, mask, centroids, codes, n_outliers)
+        clock.lap("split")
+    return results
+
+
+def _assemble(w: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor,
+              codes: torch.Tensor, n_outliers: int) -> QuantizedMatrix:
+    """The stored parts and errors of one matrix from its k-means result (all tensors [out, in])."""
     lookup_table = centroids.to(torch.float16)
     decoded = lookup_table.float().gather(1, codes.long())
     residual = torch.where(mask, w - decoded, torch.zeros_like(w))
     rows, cols, vals = dense_to_csr(residual, mask)
-    clock.lap("split")
     error = w - (decoded + residual)
     weighted_error = float((f.double() * error.double().square()).sum())
     relative_error = float(error.norm() / w.norm().clamp_min(1e-30))
@@ -152,9 +204,14 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
 
     fisher: name -> float32 [out, in] (from ``load_or_compute_fisher``); None gives unweighted k-means.
     device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
+    With ``config.target_bits`` each matrix gets 3 or 4 bits under that budget (core.mixed_precision).
     """
     from core.models import quantizable_linears
 
+    if config.target_bits is not None:
+        from core.mixed_precision import quantize_mixed
+
+        return (yield from quantize_mixed(model, config, fisher, device=device))
     linears = quantizable_linears(model)
     if config.method != "squeezellm":
         from core.baselines import quantize_rtn
@@ -165,32 +222,54 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
     thresholds, multiplier = yield from outlier_thresholds(linears, config)
     seconds = {"outliers": time.perf_counter() - t0}
     layers: list[LayerReport] = []
-    n = len(linears)
 
-    def job(name: str, lin: torch.nn.Linear) -> QuantizedMatrix:
-        target = torch.device(device) if device is not None else lin.weight.device
+    def job(name: str, lin: torch.nn.Linear, target: torch.device) -> QuantizedMatrix:
         f = fisher.get(name) if fisher is not None else None
         return quantize_matrix(lin.weight.to(target), f.to(target) if f is not None else None, config.bits,
                                threshold=thresholds[name], sensitivity_percent=config.sensitivity_percent,
                                max_iter=config.kmeans_max_iter, seed=config.seed, timings=seconds)
 
-    with _matrix_pool(device or next(iter(linears.values())).weight.device) as pool:
-        futures = [pool.submit(job, name, lin) for name, lin in linears.items()]
+    with contextlib.closing(per_matrix(linears, device, job)) as results:
+        for i, (name, lin, q) in enumerate(results):
+            clock = _Stopwatch(seconds)
+            module = squeeze_module(q, config.bits, lin)
+            model.set_submodule(name, module.to(lin.weight.device))
+            clock.lap("packing")
+            layers.append(layer_report(name, lin, config.bits, q))
+            yield ProgressEvent("quantize", i + 1, len(linears), f"quantized {name} ({q.n_sparse} sparse)")
+    return _report(model, config, multiplier, layers, seconds)
+
+
+def squeeze_module(q: QuantizedMatrix, bits: int, linear: torch.nn.Linear) -> SqueezeLinear:
+    """The ``SqueezeLinear`` (on the CPU) holding ``q`` and the bias of the ``linear`` it replaces."""
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return SqueezeLinear.from_parts(q.codes, q.lookup_table, bits, sparse=q.sparse, bias=bias)
+
+
+def layer_report(name: str, linear: torch.nn.Linear, bits: int, q: QuantizedMatrix,
+                 weighted_errors: tuple[tuple[int, float], ...] = ()) -> LayerReport:
+    return LayerReport(name, tuple(linear.weight.shape), bits, q.n_outliers, q.n_sparse, q.weighted_error,
+                       q.relative_error, weighted_errors)
+
+
+def per_matrix(linears: dict[str, torch.nn.Linear], device: str | torch.device | None,
+               work: Callable[[str, torch.nn.Linear, torch.device], T]
+               ) -> Generator[tuple[str, torch.nn.Linear, T], None, None]:
+    """Run ``work(name, linear, device)`` for every matrix on a thread pool; yield results in model order.
+
+    device: where the work runs (None: each weight's own device). Closing the generator cancels the
+    matrices not yet started (a stopped run does not finish them).
+    """
+    pool_device = device if device is not None else next(iter(linears.values())).weight.device
+    with _matrix_pool(pool_device) as pool:
+        futures = [pool.submit(work, name, lin, torch.device(device) if device is not None else lin.weight.device)
+                   for name, lin in linears.items()]
         try:
-            for i, ((name, lin), future) in enumerate(zip(linears.items(), futures)):
-                q = future.result()
-                clock = _Stopwatch(seconds)
-                bias = lin.bias.detach() if lin.bias is not None else None
-                module = SqueezeLinear.from_parts(q.codes, q.lookup_table, config.bits, sparse=q.sparse, bias=bias)
-                model.set_submodule(name, module.to(lin.weight.device))
-                clock.lap("packing")
-                layers.append(LayerReport(name, tuple(lin.weight.shape), config.bits, q.n_outliers, q.n_sparse,
-                                          q.weighted_error, q.relative_error))
-                yield ProgressEvent("quantize", i + 1, n, f"quantized {name} ({q.n_sparse} sparse)")
+            for (name, lin), future in zip(linears.items(), futures):
+                yield name, lin, future.result()
         finally:
             for future in futures:
-                future.cancel()  # a stopped run does not finish the remaining matrices
-    return _report(model, config, multiplier, layers, seconds)
+                future.cancel()
 
 
 @contextlib.contextmanager
