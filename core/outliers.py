@@ -17,25 +17,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-SKETCH_SIZE = 1 << 20  # matrices larger than this keep an evenly spaced sample of |w|
+SKETCH_SIZE = 1 << 20  # matrices larger than this keep an evenly spaced sample of their sorted entries
 MAX_SENSITIVE_FRACTION = 0.10  # the Fisher ranking kept for live counts (config allows up to 10%)
 
 
-def quartiles(weight: torch.Tensor) -> tuple[float, float]:
+def sorted_values(weight: torch.Tensor) -> np.ndarray:
+    """float32 [numel] ascending: every entry of ``weight`` (any float tensor, any device).
+
+    NumPy's sort (SIMD on x86) is about 10x faster than torch.sort on a CPU thread here.
+    """
+    return np.sort(weight.detach().reshape(-1).float().cpu().numpy())
+
+
+def quartiles(weight: torch.Tensor, ascending: np.ndarray | None = None) -> tuple[float, float]:
     """(Q1, Q3) of all entries with numpy's linear interpolation, computed in float64.
 
-    weight: any float tensor. ``torch.quantile`` refuses > 16M elements, so use kthvalue.
+    ascending: ``sorted_values(weight)`` when the caller has it already.
     """
-    flat = weight.detach().reshape(-1).double()
-    n = flat.numel()
+    values = sorted_values(weight) if ascending is None else ascending
+    n = values.size
 
     def at(q: float) -> float:
         pos = q * (n - 1)
         lo, hi = math.floor(pos), math.ceil(pos)
-        v_lo = flat.kthvalue(lo + 1).values.item()
-        v_hi = v_lo if hi == lo else flat.kthvalue(hi + 1).values.item()
+        v_lo, v_hi = float(values[lo]), float(values[hi])
         return v_lo + (v_hi - v_lo) * (pos - lo)
 
     return at(0.25), at(0.75)
@@ -89,42 +97,45 @@ def sparse_mask(weight: torch.Tensor, fisher: torch.Tensor | None, threshold: fl
 class OutlierStats:
     """A matrix condensed for instant what-if counts.
 
-    abs_sorted:     float32 [m] ascending |w| (all entries, or an even sample of them if numel > SKETCH_SIZE).
+    values_sorted:  float32 [m] ascending entries (all, or an even sample of them if numel > SKETCH_SIZE).
     abs_by_fisher:  float32 [k_max] |w| of the entries in descending Fisher order (empty without Fisher).
     """
 
     numel: int
     q1: float
     q3: float
-    abs_sorted: torch.Tensor
+    values_sorted: torch.Tensor
     abs_by_fisher: torch.Tensor
 
     @classmethod
     def of(cls, weight: torch.Tensor, fisher: torch.Tensor | None = None) -> "OutlierStats":
         """weight: float [out, in]; fisher: float [out, in] or None."""
-        w = weight.detach().float().reshape(-1).cpu()
-        q1, q3 = quartiles(w)
-        abs_sorted = w.abs().sort().values
-        if abs_sorted.numel() > SKETCH_SIZE:
-            idx = torch.linspace(0, abs_sorted.numel() - 1, SKETCH_SIZE).round().long()
-            abs_sorted = abs_sorted[idx]
+        ascending = sorted_values(weight)
+        q1, q3 = quartiles(weight, ascending)
+        if ascending.size > SKETCH_SIZE:
+            ascending = ascending[np.linspace(0, ascending.size - 1, SKETCH_SIZE).round().astype(np.int64)]
         abs_by_fisher = torch.empty(0)
         if fisher is not None:
+            w = weight.detach().float().reshape(-1).cpu()
             k_max = max(1, sensitive_count(w.numel(), MAX_SENSITIVE_FRACTION * 100))
             order = torch.topk(sanitize_fisher(fisher).reshape(-1).cpu(), k_max).indices
             abs_by_fisher = w.abs()[order]
-        return cls(w.numel(), q1, q3, abs_sorted, abs_by_fisher)
+        return cls(weight.numel(), q1, q3, torch.from_numpy(ascending), abs_by_fisher)
 
     def threshold(self, multiplier: float) -> float:
         return iqr_threshold(self.q1, self.q3, multiplier)
 
     def outlier_count(self, threshold: float | None) -> int:
-        """Entries with |w| >= threshold (estimated from the sample for huge matrices)."""
+        """Entries with |w| >= threshold, i.e. w >= T or w <= -T (estimated from the sample for huge matrices)."""
         if threshold is None:
             return 0
-        m = self.abs_sorted.numel()
-        above = m - int(torch.searchsorted(self.abs_sorted, torch.tensor([threshold]), right=False))
-        return round(above * self.numel / m)
+        if threshold <= 0:
+            return self.numel
+        m = self.values_sorted.numel()
+        bounds = torch.tensor([-threshold, threshold], dtype=self.values_sorted.dtype)
+        below = int(torch.searchsorted(self.values_sorted, bounds[:1], right=True))
+        above = m - int(torch.searchsorted(self.values_sorted, bounds[1:], right=False))
+        return round((below + above) * self.numel / m)
 
     def sparse_count(self, threshold: float | None, sensitivity_percent: float) -> tuple[int, int, int]:
         """(outliers, sensitive, union) counts for one setting."""

@@ -77,3 +77,10 @@ def test_solver_hits_the_target_percentage():
     r = solve_range_multiplier(stats, 0.45)
     total = sum(int(outlier_mask(m, s.threshold(r)).sum()) for m, s in zip(mats, stats))
     assert total / sum(m.numel() for m in mats) * 100 == pytest.approx(0.45, abs=0.01)
+
+
+def test_counts_include_entries_exactly_at_plus_and_minus_the_threshold():
+    w = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 1.0]])
+    stats = OutlierStats.of(w)
+    for t in (1.0, 0.5, 2.0, 2.5, 0.0):
+        assert stats.outlier_count(t) == int(outlier_mask(w, t).sum())
