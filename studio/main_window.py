@@ -108,6 +108,10 @@ class MainWindow(QMainWindow):
         self.recent_menu = file_menu.addMenu("&Recent models")
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
         file_menu.addSeparator()
+        for action, shortcut in ((model_page.import_action, "Ctrl+I"), (model_page.export_action, "Ctrl+Shift+E")):
+            action.setShortcut(QKeySequence(shortcut))
+            file_menu.addAction(action)
+        file_menu.addSeparator()
         self._action(file_menu, "&Quit", QKeySequence.StandardKey.Quit, self.close)
         run_menu = self.menuBar().addMenu("&Run")
         self._action(run_menu, "Compute &sensitivity", "Ctrl+K", self.pages["inspect"].compute_sensitivity)

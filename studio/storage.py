@@ -19,6 +19,10 @@ APPLICATION = "Squeeze Studio"
 MAX_RECENT = 8
 RUNS_FILE = "runs.json"
 LOG_FILE = "studio.log"
+# kinds of remembered folders (last_folder / remember_folder) besides "model", "output", "corpus"
+IMPORT_CHECKPOINT = "import_checkpoint"  # where the original's .pt files were picked
+IMPORT_OUTPUT = "import_output"  # where imported folders were written
+EXPORT_OUTPUT = "export_output"  # where exports were written
 
 
 def _home_override() -> Path | None:
@@ -76,10 +80,10 @@ def forget_model(spec: str) -> None:
     settings().setValue("recent_models", [s for s in recent_models() if s != spec])
 
 
-def last_folder(kind: str) -> str:
-    """The folder a file dialog of this kind opened last (home when none)."""
+def last_folder(kind: str, default: str | Path | None = None) -> str:
+    """The folder a file dialog of this kind opened last (``default``, else home, when none)."""
     value = settings().value(f"last_folder/{kind}")
-    return str(value) if value else str(Path.home())
+    return str(value) if value else str(default or Path.home())
 
 
 def remember_folder(kind: str, path: str | Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QAction
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -21,6 +22,8 @@ from PySide6.QtWidgets import (
 )
 
 from studio import storage
+from studio.dialogs.export_dialog import ExportDialog
+from studio.dialogs.import_dialog import ImportDialog
 from studio.format import human_bytes, human_count
 from studio.jobs import LOAD_STAGES, load_job
 from studio.model_info import ModelInfo
@@ -56,6 +59,17 @@ class ModelPage(Page):
         self.spec_edit = QLineEdit()
         self.spec_edit.setPlaceholderText("or type a path or hub name (org/model) and press Enter")
         self.open_button = QPushButton("Open")
+        self.import_action = QAction("&Import original checkpoint…", self)
+        self.import_action.setToolTip("Convert a .pt packed by the original SqueezeLLM into a folder and open it")
+        self.export_action = QAction("&Export…", self)
+        self.export_action.setToolTip("Write a quantized model as squeezellm-pt (vLLM), a dense HF folder or GGUF")
+        self.import_button = QPushButton("Import original checkpoint…")
+        self.export_button = QPushButton("Export…")
+        for button, action in ((self.import_button, self.import_action), (self.export_button, self.export_action)):
+            button.setToolTip(action.toolTip())
+            button.clicked.connect(action.trigger)
+        self.import_dialog: ImportDialog | None = None
+        self.export_dialog: ExportDialog | None = None
         self.recent_list = QListWidget()
         self.recent_list.setToolTip("Models opened before: double-click to open again")
         self.recent_list.setMaximumHeight(130)
@@ -73,6 +87,9 @@ class ModelPage(Page):
         self.open_button.clicked.connect(self._open_typed)
         self.spec_edit.returnPressed.connect(self._open_typed)
         self.recent_list.itemActivated.connect(lambda item: self.open_model(item.text()))
+        self.import_action.triggered.connect(self.show_import_dialog)
+        self.export_action.triggered.connect(self.show_export_dialog)
+        session.results_changed.connect(self.update_actions)
         session.model_changed.connect(lambda: self.show_info(self.session.info))
         self.refresh_recent()
         self.show_info(None)
@@ -85,6 +102,12 @@ class ModelPage(Page):
         buttons.addWidget(self.spec_edit, 1)
         buttons.addWidget(self.open_button)
         self.outer.addLayout(buttons)
+        interop = QHBoxLayout()
+        interop.addWidget(self.import_button)
+        interop.addWidget(self.export_button)
+        interop.addWidget(QLabel("Other formats: checkpoints of the original SqueezeLLM in; vLLM's packed .pt, "
+                                 "a dense Hugging Face folder or GGUF out."), 1)
+        self.outer.addLayout(interop)
         facts = QWidget()
         form = QFormLayout(facts)
         for key, label in FACTS:
@@ -137,7 +160,10 @@ class ModelPage(Page):
         self.open_model(self.spec_edit.text())
 
     def _loaded(self, spec: str, result: tuple) -> None:
-        loaded, info = result
+        self.model_opened(spec, *result)
+
+    def model_opened(self, spec: str, loaded, info: ModelInfo) -> None:
+        """Make a model loaded elsewhere (e.g. by an import) the current one, as opening it here does."""
         self.session.set_model(loaded, info)
         storage.remember_model(spec)
         self.refresh_recent()
@@ -146,6 +172,27 @@ class ModelPage(Page):
     def refresh_recent(self) -> None:
         self.recent_list.clear()
         self.recent_list.addItems(storage.recent_models())
+
+    # ------------------------------------------------------------ other formats
+
+    def show_import_dialog(self) -> None:
+        """Open the dialog that imports an original SqueezeLLM checkpoint (then opens the result)."""
+        if self.import_dialog is None:
+            self.import_dialog = ImportDialog(self.session, self.runner, self)
+            self.import_dialog.imported.connect(self.model_opened)
+        self.import_dialog.refresh()
+        self.import_dialog.open()
+
+    def show_export_dialog(self) -> None:
+        """Open the export dialog for the known quantized folders (the current model first)."""
+        if not self.session.results:
+            self.runner.reporter.show_message("Nothing to export", "Open a quantized folder (or quantize a model) "
+                                              "first: only quantized models are exported.")
+            return
+        if self.export_dialog is None:
+            self.export_dialog = ExportDialog(self.session, self.runner, self)
+        self.export_dialog.refresh()
+        self.export_dialog.open()
 
     # ------------------------------------------------------------ showing
 
@@ -178,5 +225,7 @@ class ModelPage(Page):
     def update_actions(self) -> None:
         idle = not self.runner.busy
         for widget in (self.demo_button, self.open_folder_button, self.open_gguf_button, self.open_button,
-                       self.recent_list):
+                       self.recent_list, self.import_action, self.import_button):
             widget.setEnabled(idle)
+        for widget in (self.export_action, self.export_button):
+            widget.setEnabled(idle and bool(self.session.results))
