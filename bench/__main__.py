@@ -1,0 +1,94 @@
+"""Run every benchmark and rewrite BENCHMARKS.md.
+
+python -m bench [--only NAME ...] [--skip NAME ...] [--quick] [--list]
+
+Each benchmark runs in its own process (its memory, threads and kernel choice stay its own) and
+rewrites its section of BENCHMARKS.md; this runner then writes the head of the file: the machine,
+the versions, the date, and which benchmarks ran, how long each took and whether it succeeded. A
+benchmark that needs hardware this machine lacks (the CUDA kernels without an NVIDIA GPU) says why
+and keeps its previous section. ``--quick`` shrinks every benchmark to a smoke run (minutes, not an
+hour): its numbers are noisier and the sections say what they measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.report import BENCHMARKS, machine_line
+
+# name -> (module, full arguments, --quick arguments, what it measures)
+BENCHMARKS_TO_RUN = {
+    "pipeline": ("bench.pipeline", [], ["--samples", "8"], "quantization step times and sizes"),
+    "kmeans": ("bench.kmeans", ["--bits", "3", "4"], ["--bits", "3", "--limit-matrices", "14"],
+               "k-means against scikit-learn"),
+    "fisher": ("bench.fisher", [], ["--windows", "2", "--rounds", "1"], "Fisher pass against a full backward"),
+    "cpu": ("bench.cpu_inference", [], ["--new-tokens", "16", "--rounds", "1", "--skip-reference"],
+            "decode/prefill tokens/s and peak memory, fp32 vs bf16 vs 4/3-bit"),
+    "eval": ("bench.eval_speed", [], ["--windows", "8"], "perplexity evaluation throughput, kernel vs torch path"),
+    "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
+    "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
+    "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
+}
+
+
+def run_one(name: str, quick: bool) -> tuple[str, float]:
+    """Run one benchmark in a subprocess, streaming its output; (status, seconds)."""
+    module, full, quick_args, _ = BENCHMARKS_TO_RUN[name]
+    command = [sys.executable, "-m", module, *(quick_args if quick else full)]
+    print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.call(command)
+    seconds = time.perf_counter() - t0
+    if code == 0:
+        return "ok", seconds
+    if name == "cuda-kernels" and code == 2:
+        return "skipped (no NVIDIA GPU or no CUDA kernels; previous section kept)", seconds
+    return f"FAILED (exit {code}; previous section kept)", seconds
+
+
+HEAD = """# Benchmarks
+
+Every number here is written by a script in `bench/`; `python -m bench` runs them all{quick} and wrote this head:
+
+{machine}
+
+| benchmark | what it measures | status | minutes |
+|---|---|---|---:|
+{rows}
+"""
+
+
+def write_head(results: dict[str, tuple[str, float]], quick: bool, path: Path = BENCHMARKS) -> None:
+    """Replace everything before the first section marker of BENCHMARKS.md with a fresh head."""
+    rows = "\n".join(f"| {name} | {BENCHMARKS_TO_RUN[name][3]} | {status} | {seconds / 60:.1f} |"
+                     for name, (status, seconds) in results.items())
+    head = HEAD.format(quick=" (`--quick`: smoke-run sizes)" if quick else "", machine=machine_line(), rows=rows)
+    text = path.read_text() if path.exists() else ""
+    marker = text.find("<!-- ")
+    path.write_text(head + "\n" + (text[marker:] if marker >= 0 else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS_TO_RUN), help="run only these")
+    parser.add_argument("--skip", nargs="+", choices=list(BENCHMARKS_TO_RUN), default=[], help="leave these out")
+    parser.add_argument("--quick", action="store_true", help="smoke-run sizes (noisier numbers)")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (module, _, _, what) in BENCHMARKS_TO_RUN.items():
+            print(f"{name:14} python -m {module:24} {what}")
+        return 0
+    names = [n for n in (args.only or BENCHMARKS_TO_RUN) if n not in args.skip]
+    results = {name: run_one(name, args.quick) for name in names}
+    write_head(results, args.quick)
+    print("\n" + "\n".join(f"{name}: {status} ({seconds / 60:.1f} min)" for name, (status, seconds) in results.items()))
+    return 0 if all(status.startswith(("ok", "skipped")) for status, _ in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
