@@ -12,13 +12,13 @@ from studio import storage
 from studio.dialogs.common import JobDialog, PathPicker
 from studio.dialogs.interop_jobs import (
     COST_WINDOWS,
-    EXPORT_STAGES,
     ExportOutcome,
     ExportRequest,
     ExportWritten,
     cost_config,
     default_export_path,
     export_job,
+    export_stages,
 )
 from studio.format import human_bytes
 from studio.session import QuantResult, Session
@@ -172,7 +172,7 @@ class ExportDialog(JobDialog):
                                 overwrite=self.overwrite_check.isChecked(),
                                 cost=cost_config(self.session.eval_config) if measure else None)
         self._written, self._request = None, request
-        return self.run_job(lambda: export_job(request), EXPORT_STAGES, on_result=self._exported,
+        return self.run_job(lambda: export_job(request), export_stages(self.fmt, measure), on_result=self._exported,
                             on_yield=self._on_yield)
 
     def _on_yield(self, value) -> None:

@@ -16,7 +16,10 @@ from core.models import LoadedModel
 from core.progress import ProgressEvent
 
 IMPORT_STAGES = {"read": 0.1, "convert": 0.6, "save": 0.15, "load": 0.15}
-EXPORT_STAGES = {"load": 0.05, "dequantize": 0.3, "gguf": 0.55, "save": 0.1, "measure": 0.6}
+EXPORT_STAGES = {"squeezellm-pt": {"load": 0.2, "save": 0.8},  # the stages each format's export yields
+                 "hf-dense": {"load": 0.1, "dequantize": 0.6, "save": 0.3},
+                 "gguf": {"load": 0.05, "gguf": 0.95}}
+MEASURE_SHARE = 0.6  # of a measured export's time: loading both models and two perplexity runs
 COST_WINDOWS = 4  # a few windows: enough to see an fp16/bf16 rounding cost, quick on a CPU
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_TAGS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -82,6 +85,12 @@ class ExportOutcome:
     size_bytes: int | None
     cost: PerplexityCost | None
     warnings: tuple[str, ...] = ()
+
+
+def export_stages(fmt: str, measured: bool) -> dict[str, float]:
+    """Stage weights of an export of ``fmt`` (for the overall bar), the measuring included when asked."""
+    stages = {name: weight * (1 - MEASURE_SHARE if measured else 1) for name, weight in EXPORT_STAGES[fmt].items()}
+    return {**stages, "measure": MEASURE_SHARE} if measured else stages
 
 
 def cost_config(eval_config: EvalConfig, windows: int = COST_WINDOWS) -> EvalConfig:

@@ -119,7 +119,10 @@ def test_export_writes_each_format(qtbot, window, dense_only_4bit, corpus_file, 
     assert dialog.measure_check.isVisible() == (fmt == "hf-dense")
     output = tmp_path / "exports" / ("tiny.gguf" if fmt == "gguf" else "tiny-export")
     dialog.output_picker.set_value(str(output))
+    overall = []
+    window.runner.progress.connect(lambda progress: overall.append(progress.overall))
     assert run_and_wait(qtbot, window, dialog.run_button.click) == "done"
+    assert overall == sorted(overall) and overall[-1] > 0.99  # the bar fills steadily, to the end
     text = dialog.result_label.text()
     assert f"Wrote {output}" in text
     if fmt == "squeezellm-pt":
@@ -191,3 +194,31 @@ def test_cancelled_export_leaves_nothing(qtbot, window, sparse_3bit, tmp_path, s
     assert not output.exists()
     assert list(output.parent.iterdir()) == []  # no partial folder either
     assert dialog.run_button.isEnabled() and dialog.close_button.isEnabled()
+
+
+def test_cancel_while_measuring_keeps_the_finished_export(qtbot, window, dense_only_4bit, corpus_file, tmp_path,
+                                                         monkeypatch):
+    import core.evaluate
+
+    original = core.evaluate.perplexity
+
+    def slow(*args, **kwargs):
+        for event in (gen := original(*args, **kwargs)):
+            time.sleep(0.3)
+            yield event
+        return None  # never reached in this test: the run is cancelled
+
+    monkeypatch.setattr(core.evaluate, "perplexity", slow)
+    window.session.eval_config = EvalConfig(source=str(corpus_file), windows=4, seqlen=64, batch_size=1)
+    dialog = _export_dialog(qtbot, window, dense_only_4bit)
+    dialog.format_combo.setCurrentIndex(dialog.format_combo.findData("hf-dense"))
+    output = tmp_path / "dense"
+    dialog.output_picker.set_value(str(output))
+    with qtbot.waitSignal(window.runner.progress, timeout=30000,
+                          check_params_cb=lambda progress: progress.event.stage == "measure"):
+        dialog.run_button.click()
+    with qtbot.waitSignal(window.runner.finished, timeout=10000) as blocker:
+        dialog.panel.cancel_button.click()
+    assert blocker.args[1] == "cancelled"
+    assert (output / "config.json").is_file()  # complete: it was in place before the measuring began
+    assert f"kept at {output}" in dialog.result_label.text() and dialog.show_button.isVisible()
