@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.half_head import halve_embeddings
 from core.layers import SqueezeLinear
 from core.progress import ProgressEvent
 
 QUANT_METHOD = "squeezellm"
+# quantization_config key saying the token embedding (and a tied or untied head) is stored in float16.
+EMBEDDINGS_DTYPE = "embeddings_dtype"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
@@ -100,6 +103,8 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
     """Write a quantized model folder; nothing appears at ``output`` until it is complete.
 
     settings: JSON-ready quantization settings (QuantConfig dict, calibration, report numbers).
+    A float32 model's token embedding and output head are switched to float16 storage in place
+    first (core.half_head), so the model in memory is the one saved.
     """
     from safetensors.torch import save_file
 
@@ -109,6 +114,7 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         yield ProgressEvent("save", 0, 3, "saving: tensors")
+        halved = halve_embeddings(model)
         save_file(_unique_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")
         config = model.config.to_dict()
@@ -117,6 +123,8 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
         config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                                          **settings, **({"bits_overrides": overrides} if overrides else {}),
                                          "modules": layout}
+        if halved:
+            config["quantization_config"][EMBEDDINGS_DTYPE] = "float16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -204,7 +212,9 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    dtype = next((t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
+    half_embeddings = block.get(EMBEDDINGS_DTYPE) == "float16"  # then the model computes in float32
+    dtype = torch.float32 if half_embeddings else next(
+        (t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     widths = layer_bits(block)
@@ -213,6 +223,8 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _check_complete(model, folder, result.unexpected_keys)
+    if half_embeddings:
+        halve_embeddings(model)  # wraps the stored float16 tensors, no copy
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(model, tokenizer, str(folder), folder.name, quantized=True)

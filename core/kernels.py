@@ -121,3 +121,33 @@ def _lut_matmul_torch(x, qweight, lookup_table, bits, in_features, sparse_rows, 
     bias32 = bias.to(torch.float32) if bias is not None else None
     # F.linear multiplies by weight^T; passing the transposed view lets BLAS read weight_t as is.
     return F.linear(x.to(torch.float32), weight_t.t(), bias32).to(x.dtype)
+
+
+# Rows of an fp16 head weight upcast at a time by the reference (bounds its float32 copy to ~16 MB).
+_HALF_REFERENCE_ROWS = 4096
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a float16 weight, computed in float32: the fp16 output head.
+
+    x [..., in] (any float dtype); weight float16 [out, in]; bias [out] of any float dtype or None
+    -> [..., out] in x's dtype. The CPU kernel streams the fp16 weight (half the bytes of fp32);
+    the reference upcasts it in row blocks, so it never holds a float32 copy of the whole weight.
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features but the head expects {weight.shape[1]}")
+    backend = "torch" if x.requires_grad and torch.is_grad_enabled() else _backend(x.device)
+    if backend == "cpu-ext" and weight.dtype == torch.float16:
+        return _cpu_kernel().half_linear(x, weight, bias)
+    return _half_linear_torch(x, weight, bias)
+
+
+def _half_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference: float32 F.linear on float32 copies of blocks of weight rows."""
+    x32 = x.to(torch.float32)
+    parts = [F.linear(x32, weight[n0:n0 + _HALF_REFERENCE_ROWS].to(torch.float32))
+             for n0 in range(0, weight.shape[0], _HALF_REFERENCE_ROWS)]
+    y = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

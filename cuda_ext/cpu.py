@@ -6,7 +6,10 @@ Registers two torch ops (so torch.compile sees them, with fake implementations f
   sparse_cols, sparse_vals, bias, max_matvec_rows=8)``: x [..., in] any float dtype ->
   [..., out] in x's dtype, computed in float32 (arguments as ``core.kernels.lut_matmul``);
 * ``torch.ops.squeeze.dequantize_cpu(qweight, lookup_table, bits, in_features, sparse_rows,
-  sparse_cols, sparse_vals)``: the dense weight float32 [out, in].
+  sparse_cols, sparse_vals)``: the dense weight float32 [out, in];
+* ``torch.ops.squeeze.half_linear_cpu(x, weight, bias, max_matvec_rows=8)``: x [..., in] any float
+  dtype, weight float16 [out, in] -> [..., out] in x's dtype, computed in float32 (the fp16 head,
+  ``core.kernels.half_linear``).
 
 Use ``cuda_ext.load("cpu")`` (or ``is_available("cpu")``) first; the functions below assume it.
 """
@@ -64,14 +67,16 @@ def missing_requirement() -> str | None:
 def build() -> str:
     """Compile (once per machine; cached) and load the library; register the fake implementations."""
     flags = compile_flags()
-    global _lut_matmul_op
+    global _lut_matmul_op, _half_linear_op
     path = jit.build("squeeze_cpu", SOURCES, flags, ["-fopenmp"] if "-fopenmp" in flags else [], HEADERS)
     _register_fakes()
     _lut_matmul_op = torch.ops.squeeze.lut_matmul_cpu.default  # resolved once: ~1 us less per call
+    _half_linear_op = torch.ops.squeeze.half_linear_cpu.default
     return path
 
 
 _lut_matmul_op = None
+_half_linear_op = None
 
 
 def _register_fakes() -> None:
@@ -83,6 +88,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("squeeze::dequantize_cpu")
     def _dequantize_fake(qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals):
         return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.float32)
+
+    @torch.library.register_fake("squeeze::half_linear_cpu")
+    def _half_linear_fake(x, weight, bias, max_matvec_rows=MAX_MATVEC_ROWS):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def uses_simd() -> bool:
@@ -105,3 +114,10 @@ def dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_
     """The dense weight float32 [out, in], as ``core.kernels.dequantize``."""
     return torch.ops.squeeze.dequantize_cpu(qweight, lookup_table, bits, in_features, sparse_rows,
                                             sparse_cols, sparse_vals)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                max_matvec_rows: int = MAX_MATVEC_ROWS) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype, weight float16 [out, in]; as ``core.kernels.half_linear``."""
+    op = _half_linear_op or torch.ops.squeeze.half_linear_cpu.default
+    return op(x, weight, bias, max_matvec_rows)

@@ -29,7 +29,7 @@ constexpr int kMaxRows = 8;    // mat-vec path handles up to this many rows per 
 // --- LUT rows as fp32 --------------------------------------------------------------------------
 
 // Rows [t0, t1) of the lookup table as fp32, 16 floats per row (see decode_group for the layout).
-void fill_luts(const at::Tensor& lut, int bits, int64_t t0, int64_t t1, float* dst) {
+inline void fill_luts(const at::Tensor& lut, int bits, int64_t t0, int64_t t1, float* dst) {
   const int entries = 1 << bits;
   const int64_t count = (t1 - t0) * entries;
   const auto type = lut.scalar_type();
@@ -183,7 +183,7 @@ void tile_dots_rows(const int32_t* q, int64_t out, int64_t groups, const float* 
 #endif  // SQUEEZE_AVX2
 
 // dots[c * kMaxRows + r] = decoded column t0+c . x[r], for c < t1-t0, r < rows (dense part only).
-void tile_dots_any(const int32_t* q, int64_t out, int bits, int64_t groups, const float* luts, const float* x,
+inline void tile_dots_any(const int32_t* q, int64_t out, int bits, int64_t groups, const float* luts, const float* x,
                    int64_t ldx, int rows, int64_t t0, int64_t t1, float* dots) {
 #if SQUEEZE_AVX2
   std::unique_ptr<__m256[]> acc(new __m256[(t1 - t0) * rows]);

@@ -183,3 +183,27 @@ def test_every_lookup_table_dtype(cpu, lut_dtype, bits):
         args = [layer[k] for k in ("qweight", "lookup_table", "bits", "in_features", "sparse_rows", "sparse_cols",
                                    "sparse_vals")]
         assert torch.equal(cpu.dequantize(*args), kernels.dequantize(*args))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 33])
+@pytest.mark.parametrize("in_features", [576, 77])
+def test_fp16_head_matches_fp32_linear_of_its_weights(cpu, rows, in_features):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1000, in_features, generator=g).half()
+    x = torch.randn(rows, in_features, generator=g)
+    expected = F.linear(x, weight.float())
+    for max_rows in (0, 8, 64):  # GEMM path, default, mat-vec path for every row count
+        y = cpu.half_linear(x, weight, None, max_rows)
+        assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+    bias = torch.randn(1000, generator=g)
+    assert torch.allclose(cpu.half_linear(x, weight, bias), expected + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_fp16_head_traces_and_checks_its_weight(cpu):
+    weight = torch.randn(48, 64).half()
+    compiled = torch.compile(lambda inputs: torch.ops.squeeze.half_linear_cpu(inputs, weight, None) * 2,
+                             backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 64)
+    assert torch.allclose(compiled(x), cpu.half_linear(x, weight) * 2)
+    with pytest.raises(RuntimeError, match="float16"):
+        cpu.half_linear(x, weight.float())
