@@ -43,14 +43,14 @@ def module_layout(model: torch.nn.Module) -> dict[str, dict]:
     return layout
 
 
-def bits_overrides(layout: dict[str, dict], default_bits: int | None) -> dict[str, int]:
+def bits_overrides(layout: dict[str, dict], default_bits) -> dict[str, int]:
     """name -> bits of every quantized module whose width differs from ``default_bits`` (mixed precision).
 
     Empty when every module has the default width (or no default is known), so folders of a single
     width look exactly as before.
     """
-    if default_bits is None:
-        return {}
+    if not isinstance(default_bits, int) or isinstance(default_bits, bool):
+        return {}  # none known (an imported checkpoint lists its widths instead)
     return {name: int(info["bits"]) for name, info in layout.items()
             if "bits" in info and int(info["bits"]) != int(default_bits)}
 
@@ -62,6 +62,7 @@ def layer_bits(block: dict) -> dict[str, int]:
     for a layout entry that does not say (hand-written or older folders).
     """
     default = (block.get("config") or {}).get("bits")
+    default = default if isinstance(default, int) else None  # an imported checkpoint may list several
     overrides = block.get("bits_overrides") or {}
     result = {}
     for name, info in (block.get("modules") or {}).items():

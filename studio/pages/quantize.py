@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from studio.widgets.quant_controls import QuantControls
 
 QUANTIZE_TITLE = "Quantizing"
 STAGE_LABELS = {"load": "Load", "fisher": "Sensitivity", "outliers": "Outliers", "quantize": "k-means + pack",
-                "save": "Save", "reload": "Open result"}
+                "allocate": "Mixed bits", "save": "Save", "reload": "Open result"}
 DEFAULT_OUTPUT_BASE = Path.home() / "squeeze-models"
 
 
@@ -53,6 +54,7 @@ class QuantizePage(Page):
     def __init__(self, session, runner, parent: QWidget | None = None) -> None:
         super().__init__(session, runner, parent)
         self.controls = QuantControls(sliders=False, show_method=True)
+        self.mixed_form = ConfigForm(session.quant_config, ["target_bits"])
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
             custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
@@ -93,6 +95,7 @@ class QuantizePage(Page):
         form = QFormLayout(form_widget)
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow(self.controls)
+        form.addRow(self.mixed_form)
         form.addRow(self.calibration_form)
         form.addRow("Output folder", self.output_picker)
         form.addRow("Device", self.device_combo)
@@ -131,7 +134,8 @@ class QuantizePage(Page):
 
     def _connect(self) -> None:
         session = self.session
-        self.controls.changed.connect(lambda: session.set_quant_config(self.controls.value()))
+        self.controls.changed.connect(self._on_controls_edited)
+        self.mixed_form.changed.connect(self._on_mixed_edited)
         self.calibration_form.changed.connect(self._on_calibration_edited)
         session.quant_config_changed.connect(self._show_settings)
         session.calibration_changed.connect(self._show_settings)
@@ -151,14 +155,31 @@ class QuantizePage(Page):
         name = self.session.model.name if self.session.model is not None else "model"
         return default_output(name, self.session.quant_config.bits, Path("/nonexistent")).name
 
+    def _on_controls_edited(self) -> None:
+        if self.controls.method_combo.currentData() != "squeezellm" and self.session.quant_config.target_bits:
+            # a baseline has one width for every matrix: the mixed-precision target goes
+            self.controls.set_value(dataclasses.replace(self.session.quant_config, target_bits=None,
+                                                        method=self.controls.method_combo.currentData()))
+        self.session.set_quant_config(self.controls.value())
+
+    def _on_mixed_edited(self) -> None:
+        config = self.mixed_form.value()
+        if config is not None:
+            self.session.set_quant_config(config)
+
     def _on_calibration_edited(self) -> None:
         calibration = self.calibration_form.value()
         if calibration is not None:
             self.session.set_calibration(calibration)
 
     def _show_settings(self) -> None:
-        if self.controls.value() != self.session.quant_config:
-            self.controls.set_value(self.session.quant_config)
+        config = self.session.quant_config
+        if self.controls.value() != config:
+            self.controls.set_value(config)
+        if self.mixed_form.value() != config:
+            self.mixed_form.set_value(config)
+        self.controls.bits_combo.setEnabled(config.target_bits is None)
+        self.mixed_form.setEnabled(not self.runner.busy and config.method == "squeezellm")
         if self.calibration_form.value() != self.session.calibration:
             self.calibration_form.set_value(self.session.calibration)
         self._show_summary()
@@ -194,7 +215,9 @@ class QuantizePage(Page):
         sensitivity = ("sensitivity already computed (cached)" if cached else
                        f"measure sensitivity on {calibration.samples} windows of {calibration.seqlen} tokens "
                        f"of '{Path(calibration.source).name or calibration.source}'")
-        steps = [f"{len(info.layers)} matrices of {info.name} to {config.bits} bits ({config.method})"]
+        width = (f"{config.bits} bits" if config.target_bits is None else
+                 f"3 or 4 bits each ({config.target_bits} on average; k-means at both widths)")
+        steps = [f"{len(info.layers)} matrices of {info.name} to {width} ({config.method})"]
         if config.method == "squeezellm":
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
         steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
@@ -258,9 +281,12 @@ class QuantizePage(Page):
                 self.layers_table.setItem(r, 2, QTableWidgetItem(f"{layer.sparse:,}"))
                 self.layers_table.setItem(r, 3, QTableWidgetItem(f"{layer.relative_error:.4f}"))
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items() if v >= 0.5)
+        split = report.matrices_per_bits
+        mixed = (" (" + ", ".join(f"{n} matrices at {bits} bits" for bits, n in split.items()) + ")"
+                 if len(split) > 1 else "")
         self.result_label.setText(
             f"<b>Saved {path}</b><br>Size {human_bytes(size)} (original {human_bytes(original)}), "
-            f"{report.bits_per_weight:.2f} bits per weight, {report.sparse_percent:.2f}% kept exactly; "
+            f"{report.bits_per_weight:.2f} bits per weight{mixed}, {report.sparse_percent:.2f}% kept exactly; "
             f"took {format_seconds(outcome.seconds)}{f' ({stages})' if stages else ''}.")
 
     def _ended(self, outcome: str) -> None:
@@ -277,6 +303,7 @@ class QuantizePage(Page):
         for widget in (self.controls, self.calibration_form, self.output_picker, self.device_combo,
                        self.overwrite_check):
             widget.setEnabled(idle)
+        self.mixed_form.setEnabled(idle and self.session.quant_config.method == "squeezellm")
         has_result = self.session.latest_result is not None
         self.evaluate_button.setEnabled(idle and has_result)
         self.chat_button.setEnabled(idle and has_result)
