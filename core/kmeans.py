@@ -13,6 +13,12 @@ memory. Several seedings of one row, and the rows still moving in Lloyd, are "vi
 tensors into the sorted rows, never copies. Searches are three rounds of dense comparisons with about
 n ** (1/3) entries each (``_count_at_most``): on a CPU this beats ``torch.searchsorted``, which walks
 one query at a time, and a vectorised binary search, whose many small gathers dominate.
+
+On the CPU the same algorithm runs compiled, one row at a time per thread, when ``core.kernels``
+picks the compiled CPU kernels (``cuda_ext``'s ``squeeze_cpu`` library, op ``kmeans_1d_cpu``;
+``SQUEEZE_KERNELS=torch`` keeps this torch code): see ``backend``. The two paths draw their random
+numbers differently (the compiled one from a counter-based stream per seed, row and seeding), so
+they give different, equally good optima; the torch path is the GPU path and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -90,7 +96,9 @@ def weighted_kmeans_1d(values: torch.Tensor, weights: torch.Tensor, n_clusters: 
     non-finite values are clustered as weightless zeros). n_clusters: K in 1..256.
     max_iter: Lloyd steps after each seeding; a row stops once its assignment no longer changes or no
     centroid moves more than ``tol`` times the row's value range. seed: the same seed gives the same
-    result (the random draws come from a CPU generator, so CPU and CUDA start from the same draws).
+    result on a given path (``backend``): the torch path draws from one CPU generator, so CPU and
+    CUDA start from the same draws; the compiled path from a stream per (seed, row, seeding), so its
+    result depends on neither the thread count nor the other rows.
     restarts: greedy k-means++ seedings per row; the one with the lowest objective is kept.
     Returns (centroids float32 [rows, K] ascending per row, codes uint8 [rows, n]): codes[r, j] is the
     index of the centroid nearest to values[r, j] for every entry, weightless ones included.
@@ -100,6 +108,25 @@ def weighted_kmeans_1d(values: torch.Tensor, weights: torch.Tensor, n_clusters: 
                          f"and {tuple(weights.shape)}")
     if not 1 <= n_clusters <= 256:
         raise ValueError(f"n_clusters must be in 1..256 (codes are uint8), got {n_clusters}")
+    if backend(values.device) == "cpu-ext" and weights.device.type == "cpu":
+        # sanitises values and weights itself, as below; float32 in, (float32, uint8) out
+        return torch.ops.squeeze.kmeans_1d_cpu(values.detach().float(), weights.detach().float(), n_clusters,
+                                               max_iter, (seed + 2**63) % 2**64 - 2**63, tol, max(1, restarts))
+    return _kmeans_torch(values, weights, n_clusters, max_iter, seed, tol, restarts)
+
+
+def backend(device: torch.device) -> str:
+    """Which implementation ``weighted_kmeans_1d`` uses for tensors on ``device``: "cpu-ext" (compiled,
+    CPU tensors, when ``core.kernels`` picks the compiled CPU kernels; ``SQUEEZE_KERNELS=torch`` or
+    a failed build leave it out) or "torch"."""
+    from core.kernels import _backend  # the one switch for every compiled kernel
+
+    return "cpu-ext" if device.type == "cpu" and _backend(device) == "cpu-ext" else "torch"
+
+
+def _kmeans_torch(values: torch.Tensor, weights: torch.Tensor, n_clusters: int, max_iter: int, seed: int,
+                  tol: float, restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectorised torch implementation of ``weighted_kmeans_1d`` (any device)."""
     x = values.detach().float()
     finite = x.isfinite()
     w = sanitize_weights(torch.where(finite, weights.detach().float(), torch.zeros_like(x)))
