@@ -48,8 +48,10 @@ def quant_config(bits: int, dense_only: bool):
 
 
 def quantized_folders(workdir: Path) -> dict[str, Path]:
-    """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused."""
-    from core.checkpoint import save_quantized
+    """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused.
+
+    Folders saved before quantized folders stored their embeddings in float16 are re-saved."""
+    from core.checkpoint import EMBEDDINGS_DTYPE, load_quantized, read_quantization_config, save_quantized
     from core.models import load_model, quantizable_linears
     from core.progress import run_to_end
     from core.quantize import quantize_model
@@ -65,6 +67,10 @@ def quantized_folders(workdir: Path) -> dict[str, Path]:
                       for name, lin in quantizable_linears(loaded.model).items()}
             run_to_end(quantize_model(loaded.model, quant_config(bits, dense_only), fisher))
             run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}))
+        elif EMBEDDINGS_DTYPE not in read_quantization_config(folder):
+            print(f"re-saving {folder} with float16 embeddings", flush=True)
+            loaded = load_quantized(folder)
+            run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}, overwrite=True))
         folders[label] = folder
     return folders
 
@@ -110,6 +116,8 @@ def worker(spec: dict) -> dict:
         import core.checkpoint  # noqa: F401
 
         return {"peak_rss": peak_rss_bytes()}
+    if spec["kind"] == "skeleton":  # + the model's code (config, modules on meta) and its tokenizer
+        return {"peak_rss": skeleton_rss(spec["folder"])}
     t0 = time.perf_counter()
     if spec["kind"] == "dense":
         from core.models import load_model
@@ -129,6 +137,20 @@ def worker(spec: dict) -> dict:
     median = sorted(steps)[len(steps) // 2]
     return {"load_s": load_s, "decode_median": 1 / median, "decode_total": len(steps) / sum(steps),
             "prefill": spec["prefill"] / prefill, "peak_rss": rss}
+
+
+def skeleton_rss(folder: str) -> int:
+    """Peak RSS with the model's transformers code imported, its modules built without weights and
+    its tokenizer loaded: everything a variant pays besides its tensors and activations."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import core.checkpoint  # noqa: F401
+
+    with init_empty_weights():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    AutoTokenizer.from_pretrained(folder)
+    return peak_rss_bytes()
 
 
 def run_worker(spec: dict, env: dict | None = None) -> dict:
@@ -185,8 +207,10 @@ def format_mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def markdown(results: dict[str, dict], runtime_rss: int, cross: list[tuple], args, loads: tuple[str, str]) -> str:
+def markdown(results: dict[str, dict], runtime: tuple[int, int], cross: list[tuple], args,
+             loads: tuple[str, str]) -> str:
     base = results["fp32 original"]
+    runtime_rss, skeleton = runtime
     lines = [
         "## CPU inference: decode, prefill and memory of the demo model", "", machine_line(), "",
         f"All variants measured in one run, each in its own process, {args.rounds} interleaved rounds keeping each "
@@ -194,17 +218,20 @@ def markdown(results: dict[str, dict], runtime_rss: int, cross: list[tuple], arg
         "ratios are the point). "
         f"Decode: greedy, KV cache, batch 1, {args.new_tokens} new tokens after a 9-token prompt; tok/s from the "
         f"median step (and from the total time). Prefill: one {args.prefill}-token forward, best of two. Peak RSS: "
-        f"ru_maxrss after loading and decoding (the chat case); the Python + torch + transformers runtime alone "
-        f"takes {format_mib(runtime_rss)}, the last column subtracts it. Quantized models are loaded from their "
-        "saved folders (core.checkpoint.load_quantized); embeddings and lm_head (tied) stay fp32.", "",
-        "| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS | % of fp32 | above runtime |",
+        f"ru_maxrss after loading and decoding (the chat case); the Python + torch + transformers imports alone "
+        f"take {format_mib(runtime_rss)}, and {format_mib(skeleton)} with the model's transformers code imported, "
+        "its modules built without weights and its tokenizer loaded (what every variant pays besides its tensors "
+        "and activations); the last column subtracts that. Quantized models are loaded from their saved folders "
+        "(core.checkpoint.load_quantized, tensors memory-mapped); their token embedding and tied lm_head are "
+        "stored in float16 and computed in float32 (core.half_head).", "",
+        "| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS | % of fp32 | above code + tokenizer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
         lines.append(
             f"| {label} | {r['decode_median']:.1f} ({r['decode_total']:.1f}) | "
             f"{r['decode_median'] / base['decode_median']:.2f} | {r['prefill']:.0f} | "
             f"{r['prefill'] / base['prefill']:.2f} | {format_mib(r['peak_rss'])} | "
-            f"{100 * r['peak_rss'] / base['peak_rss']:.0f}% | {format_mib(r['peak_rss'] - runtime_rss)} |")
+            f"{100 * r['peak_rss'] / base['peak_rss']:.0f}% | {format_mib(r['peak_rss'] - skeleton)} |")
     lines += ["", "Kernel paths on one layer (microseconds per call, best of 7; fp16 LUT, no sparse part; "
               "F.linear on a dense fp32 weight that stays in cache, unlike in the model). Rows up to "
               "`cuda_ext.cpu.MAX_MATVEC_ROWS` take the mat-vec path:", "",
@@ -249,7 +276,8 @@ def main() -> None:
         specs[REFERENCE] = ({"kind": "quantized", "folder": str(folders[REFERENCE_OF]), **common},
                             {"SQUEEZE_KERNELS": "torch"})
     before = load_line()
-    runtime_rss = run_worker({"kind": "runtime"})["peak_rss"]
+    runtime = (run_worker({"kind": "runtime"})["peak_rss"],
+               run_worker({"kind": "skeleton", "folder": str(folders[REFERENCE_OF])})["peak_rss"])
     results: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for label, (spec, env) in specs.items():
@@ -259,7 +287,7 @@ def main() -> None:
             for key in ("decode_median", "decode_total", "prefill"):
                 best[key] = max(best[key], result[key])
             best["peak_rss"] = max(best["peak_rss"], result["peak_rss"])
-    text = markdown(results, runtime_rss, cross, args, (before, load_line()))
+    text = markdown(results, runtime, cross, args, (before, load_line()))
     update_section("cpu", text)
     print(text)
 

@@ -1,4 +1,4 @@
-// Decoding packed SqueezeLLM codes on the CPU (included by cpu_lut.cpp only).
+// Decoding packed SqueezeLLM codes on the CPU (included by the cpu_lut*.cpp sources).
 //
 // qweight int32 [ceil(in/32)*bits, out]: column n holds the codes of output row n, 32 inputs per
 // group packed as one little-endian bit stream of `bits` words (core/packing.py, SPEC A.6).
