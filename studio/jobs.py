@@ -20,7 +20,8 @@ from core.progress import ProgressEvent
 LOAD_STAGES = {"load": 1.0}
 ANALYSE_STAGES = {"stats": 1.0}
 SENSITIVITY_STAGES = {"fisher": 0.75, "stats": 0.25}
-QUANTIZE_STAGES = {"load": 0.05, "fisher": 0.35, "outliers": 0.1, "quantize": 0.42, "save": 0.04, "reload": 0.04}
+QUANTIZE_STAGES = {"load": 0.05, "fisher": 0.35, "outliers": 0.1, "quantize": 0.41, "allocate": 0.01, "save": 0.04,
+                   "reload": 0.04}
 EVALUATE_STAGES = {"eval": 1.0}
 
 
@@ -184,9 +185,9 @@ def chat_job(sides: dict[str, tuple[LoadedModel, object]], user_text: str, confi
     return results
 
 
-def default_output(info_name: str, bits: int, base: Path) -> Path:
-    """A fresh folder name for a result: <base>/<model>-sq<bits>[-2, -3...]."""
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in info_name) + f"-sq{bits}"
+def default_output(info_name: str, bits: float, base: Path) -> Path:
+    """A fresh folder name for a result: <base>/<model>-sq<bits>[-2, -3...] (bits: 3, 4, or a mixed target 3.5)."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in info_name) + f"-sq{bits:g}"
     candidate, n = base / stem, 2
     while candidate.exists():
         candidate, n = base / f"{stem}-{n}", n + 1

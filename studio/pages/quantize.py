@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from core.config import CalibrationConfig
+from core.config import CalibrationConfig, QuantConfig
 from core.pipeline import QuantizeJob
 from studio.estimates import estimate_seconds
 from studio.format import human_bytes
@@ -40,6 +40,11 @@ QUANTIZE_TITLE = "Quantizing"
 STAGE_LABELS = {"load": "Load", "fisher": "Sensitivity", "outliers": "Outliers", "quantize": "k-means + pack",
                 "allocate": "Mixed bits", "save": "Save", "reload": "Open result"}
 DEFAULT_OUTPUT_BASE = Path.home() / "squeeze-models"
+
+
+def average_bits(config: QuantConfig) -> float:
+    """The bits a result is named after: the width, or the mixed-precision target."""
+    return config.target_bits if config.target_bits is not None else config.bits
 
 
 class QuantizePage(Page):
@@ -153,7 +158,7 @@ class QuantizePage(Page):
 
     def _default_name(self) -> str:
         name = self.session.model.name if self.session.model is not None else "model"
-        return default_output(name, self.session.quant_config.bits, Path("/nonexistent")).name
+        return default_output(name, average_bits(self.session.quant_config), Path("/nonexistent")).name
 
     def _on_controls_edited(self) -> None:
         if self.controls.method_combo.currentData() != "squeezellm" and self.session.quant_config.target_bits:
@@ -188,7 +193,7 @@ class QuantizePage(Page):
         model = self.session.model
         if model is not None and not model.quantized:
             base = DEFAULT_OUTPUT_BASE
-            self.output_picker.set_value(str(default_output(model.name, self.session.quant_config.bits, base)))
+            self.output_picker.set_value(str(default_output(model.name, average_bits(self.session.quant_config), base)))
         rows = self.session.info.layers if self.session.info is not None else []
         self.layers_table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -272,7 +277,7 @@ class QuantizePage(Page):
                    "bytes": size, "seconds": dict(report.seconds), "range_multiplier": report.range_multiplier}
         self.session.add_result(QuantResult(path.name, path, outcome.loaded, summary))
         if self.session.model is not None:  # the next run gets a fresh folder name
-            self.output_picker.set_value(str(default_output(self.session.model.name, job.config.bits, path.parent)))
+            self.output_picker.set_value(str(default_output(self.session.model.name, average_bits(job.config), path.parent)))
         by_name = {layer.name: layer for layer in report.layers}
         for r in range(self.layers_table.rowCount()):
             layer = by_name.get(self.layers_table.item(r, 0).text())

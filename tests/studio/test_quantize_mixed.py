@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.studio.helpers import open_model, wait_idle
 
 
@@ -25,3 +27,16 @@ def test_target_bits_field_sets_the_budget_and_follows_the_method(qtbot, window,
     assert not page.mixed_form.isEnabled() and editor.text() == "off"
     method.setCurrentIndex(method.findData("squeezellm"))
     assert page.mixed_form.isEnabled() and page.controls.bits_combo.isEnabled()
+
+
+def test_mixed_runs_are_named_after_the_target_and_estimated_at_both_widths(tmp_path):
+    from core.config import CalibrationConfig, QuantConfig
+    from studio.estimates import estimate_seconds
+    from studio.jobs import default_output
+
+    assert default_output("demo", 3.5, tmp_path).name == "demo-sq3.5"
+    assert default_output("demo", 4, tmp_path).name == "demo-sq4"
+    args = (135_000_000, 106_000_000)
+    single = estimate_seconds(*args, QuantConfig(bits=4), CalibrationConfig(), True, False)["quantize"]
+    mixed = estimate_seconds(*args, QuantConfig(target_bits=3.5), CalibrationConfig(), True, False)["quantize"]
+    assert mixed == pytest.approx(single * 7 / 4)
