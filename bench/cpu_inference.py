@@ -4,7 +4,7 @@ python -m bench.cpu_inference [--new-tokens 64] [--prefill 512] [--rounds 2] [--
 
 Quantizes the demo model (3/4-bit, dense-only and dense-and-sparse) once with a random positive
 Fisher (speed does not depend on it) into a cached folder, then measures every variant in its own
-subprocess, so each peak resident memory (ru_maxrss) is that model's alone: the quantized ones
+subprocess, so each peak resident memory (VmHWM) is that model's alone: the quantized ones
 are loaded with core.checkpoint.load_quantized, which never materialises dense weights.
 Decode: greedy, KV cache, batch 1, ``--new-tokens`` after a short prompt (tokens/s from the
 median step, the original SqueezeLLM's measure, and from the total). Prefill: one forward of
@@ -79,7 +79,15 @@ def quantized_folders(workdir: Path) -> dict[str, Path]:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory: VmHWM, not ru_maxrss, which Linux carries over from the
+    parent across fork + exec (a parent that loaded models would set every worker's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 @torch.inference_mode()
@@ -218,7 +226,7 @@ def markdown(results: dict[str, dict], runtime: tuple[int, int], cross: list[tup
         "ratios are the point). "
         f"Decode: greedy, KV cache, batch 1, {args.new_tokens} new tokens after a 9-token prompt; tok/s from the "
         f"median step (and from the total time). Prefill: one {args.prefill}-token forward, best of two. Peak RSS: "
-        f"ru_maxrss after loading and decoding (the chat case); the Python + torch + transformers imports alone "
+        f"VmHWM after loading and decoding (the chat case); the Python + torch + transformers imports alone "
         f"take {format_mib(runtime_rss)}, and {format_mib(skeleton)} with the model's transformers code imported, "
         "its modules built without weights and its tokenizer loaded (what every variant pays besides its tensors "
         "and activations); the last column subtracts that. Quantized models are loaded from their saved folders "
