@@ -5,9 +5,10 @@ python -m bench.kmeans [--bits 3 4] [--limit-matrices N] [--sklearn-rows R] [--s
 Every quantizable matrix of the demo model with its real Fisher diagonal (computed once on
 ``--samples`` calibration windows and cached by core.sensitivity). Ours: ``weighted_kmeans_1d`` on
 each whole matrix, as quantize_matrix calls it, ``--workers`` matrices at a time in threads with one
-torch thread each. The original: ``KMeans(K, init="k-means++", n_init=1, max_iter=50,
-random_state=0).fit(row, sample_weight=F_row)`` per row with OMP_NUM_THREADS=1 in a pool of
-``--workers`` processes (SPEC A.5, PR #60), on an even subsample of ``--sklearn-rows`` rows per
+torch thread each; the table names the path that ran (``core.kmeans.backend``: "cpu-ext", the
+compiled op, or "torch"; ``SQUEEZE_KERNELS=torch`` measures the torch path). The original:
+``KMeans(K, init="k-means++", n_init=1, max_iter=50, random_state=0).fit(row, sample_weight=F_row)``
+per row with OMP_NUM_THREADS=1 in a pool of ``--workers`` processes (SPEC A.5, PR #60), on an even subsample of ``--sklearn-rows`` rows per
 matrix; its times are scaled up to all rows. Objective ratios are ours / scikit-learn's on the rows
 both solved. Writes the "kmeans" section of BENCHMARKS.md.
 """
@@ -97,7 +98,7 @@ def time_sklearn(weights: dict, fisher: dict, picks: dict, k: int, pool) -> tupl
 def run(bits: int, weights: dict, fisher: dict, names: list[str], sklearn_rows: int | None, pool,
         workers: int) -> dict:
     """Both solvers on ``names`` at ``bits``; the numbers of one table line."""
-    from core.kmeans import weighted_objective
+    from core.kmeans import backend, weighted_objective
 
     k = 1 << bits
     load_before = os.getloadavg()[0]
@@ -113,7 +114,7 @@ def run(bits: int, weights: dict, fisher: dict, names: list[str], sklearn_rows: 
     scale = rows / sk_rows
     print(f"{bits}-bit: ours {ours_wall:.1f} s wall, {ours_cpu:.1f} s CPU for {rows} rows; scikit-learn "
           f"{sk_wall:.1f} s wall, {sk_cpu:.1f} s CPU for {sk_rows} rows", flush=True)
-    return dict(bits=bits, matrices=len(names), rows=rows, sk_rows=sk_rows, ours_wall=ours_wall, ours_cpu=ours_cpu,
+    return dict(bits=bits, path=backend(torch.device("cpu")), matrices=len(names), rows=rows, sk_rows=sk_rows, ours_wall=ours_wall, ours_cpu=ours_cpu,
                 sk_wall=sk_wall * scale, sk_cpu=sk_cpu * scale, mean_ratio=float(ratio.mean()),
                 total_ratio=float(ours_obj.sum() / sk_obj.sum()), better=float((ratio < 1 - 1e-9).double().mean()),
                 worse=float((ratio > 1 + 1e-9).double().mean()), p95=float(ratio.quantile(0.95)),
@@ -121,10 +122,10 @@ def run(bits: int, weights: dict, fisher: dict, names: list[str], sklearn_rows: 
 
 
 def table(results: list[dict], samples: int, workers: int) -> str:
-    head = ("| bits | matrices | rows (scikit-learn on) | ours s | scikit-learn s | **speed-up** | CPU-time speed-up "
+    head = ("| bits | ours: path | matrices | rows (scikit-learn on) | ours s | scikit-learn s | **speed-up** | CPU-time speed-up "
             "| **mean objective ratio** | total objective ratio | rows better / worse | p95 / worst row ratio |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['bits']} | {r['matrices']} | {r['rows']} ({r['sk_rows']}) | {r['ours_wall']:.1f} | "
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['bits']} | {r['path']} | {r['matrices']} | {r['rows']} ({r['sk_rows']}) | {r['ours_wall']:.1f} | "
              f"{r['sk_wall']:.0f} | **{r['sk_wall'] / r['ours_wall']:.0f}x** | {r['sk_cpu'] / r['ours_cpu']:.0f}x | "
              f"**{r['mean_ratio']:.4f}** | {r['total_ratio']:.4f} | {100 * r['better']:.0f}% / "
              f"{100 * r['worse']:.0f}% | {r['p95']:.3f} / {r['worst']:.3f} |" for r in results]
@@ -137,11 +138,13 @@ def table(results: list[dict], samples: int, workers: int) -> str:
         "`KMeans(K, init='k-means++', n_init=1, max_iter=50, random_state=0)` per row, OMP_NUM_THREADS=1, "
         f"{workers} worker processes, on an even subsample of each matrix's rows, its times scaled to all rows. "
         f"Ours: `weighted_kmeans_1d(W, F, K)` per matrix with its defaults (greedy k-means++ with 2 seedings "
-        f"per row, Lloyd to convergence), {workers} matrices at a time in threads with one torch thread each. "
+        f"per row, Lloyd to convergence), {workers} matrices at a time in threads with one torch thread each; "
+        "path cpu-ext = the compiled C++ op (cuda_ext/csrc/cpu_kmeans.cpp, rows one after another within a "
+        "matrix), torch = the vectorised torch code (`SQUEEZE_KERNELS=torch`). "
         f"Seconds are wall-clock; CPU-time speed-up compares summed CPU seconds. Load average (1 min) over the "
         f"runs: {loads} (other jobs shared the machine). On such a busy machine torch's own two threads "
-        "made ours many times slower (its small parallel regions wait for a descheduled thread), hence one "
-        "torch thread per worker.", "", head, *lines])
+        "made the torch path many times slower (its small parallel regions wait for a descheduled thread), "
+        "hence one torch thread per worker.", "", head, *lines])
 
 
 def main() -> None:

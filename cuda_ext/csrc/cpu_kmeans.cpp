@@ -115,17 +115,45 @@ struct Centres {
   }
 };
 
-// A sorted value drawn with probability ~ w * D^2: pick the run by its potential, then the point
-// inside it by a binary search on the running potential against the run's centre (ascending in i).
-double sample_by_potential(const Row& row, const Centres& s, double u) {
+constexpr int kMaxTrials = 8;  // candidates per seeding step: 2 + ln K <= 7
+
+// first_above for `count` independent searches at once, in lock-step: each one's probes form a
+// chain of dependent loads, and interleaving the chains keeps the core busy while they wait.
+// base[q]: start of range q, replaced by its result; end[q]: its end (<= n). above(q, i) takes i in [0, n).
+template <typename Above>
+void first_above_each(int count, int* base, const int* end, int n, Above above) {
+  int len[2 * kMaxTrials], longest = 0;
+  for (int q = 0; q < count; ++q) longest = std::max(longest, len[q] = end[q] - base[q]);
+  while (longest > 1) {
+    for (int q = 0; q < count; ++q) {
+      const int half = len[q] >> 1;  // 0 once a range is down to one entry: it then stays put
+      const bool right = (half > 0) & !above(q, std::max(base[q] + half - 1, 0));
+      base[q] += right ? half : 0;
+      len[q] -= half;
+    }
+    longest -= longest >> 1;
+  }
+  for (int q = 0; q < count; ++q) base[q] += (len[q] == 1) & !above(q, std::min(base[q], n - 1));
+}
+
+// `trials` sorted values, each drawn with probability ~ w * D^2: pick the run by its potential,
+// then the point inside it by a binary search on the running potential against the run's centre
+// (ascending along the row).
+void sample_by_potential(const Row& row, const Centres& s, Stream& rng, int trials, double* values) {
   const int m = s.m;
-  const double target = u * s.cumulative[m - 1];
-  const int run = std::min(m - 1, first_above(0, m, [&](int k) { return s.cumulative[k] > target; }));
-  const double before = run > 0 ? s.cumulative[run - 1] : 0.0, c = s.c[run];
-  const int start = s.bounds[run], stop = s.bounds[run + 1];
-  const double threshold = cost(row.p[start], c) + (target - before);
-  const int pick = first_above(start, stop, [&](int i) { return cost(row.p[i + 1], c) > threshold; });
-  return row.x[std::max(0, std::min({pick, stop - 1, row.n - 1}))];
+  int pick[kMaxTrials], stop[kMaxTrials];
+  double centre[kMaxTrials], threshold[kMaxTrials];
+  for (int t = 0; t < trials; ++t) {
+    const double target = rng.next() * s.cumulative[m - 1];
+    const int run = std::min(m - 1, first_above(0, m, [&](int k) { return s.cumulative[k] > target; }));
+    const double before = run > 0 ? s.cumulative[run - 1] : 0.0;
+    centre[t] = s.c[run];
+    pick[t] = s.bounds[run];
+    stop[t] = s.bounds[run + 1];
+    threshold[t] = cost(row.p[pick[t]], centre[t]) + (target - before);
+  }
+  first_above_each(trials, pick, stop, row.n, [&](int t, int i) { return cost(row.p[i + 1], centre[t]) > threshold[t]; });
+  for (int t = 0; t < trials; ++t) values[t] = row.x[std::max(0, std::min({pick[t], stop[t] - 1, row.n - 1}))];
 }
 
 struct Insertion {
@@ -133,20 +161,40 @@ struct Insertion {
   int slot, lo, hi;
 };
 
-// Change of the potential if `v` joined the centres; only the span between its neighbours changes.
-Insertion try_insert(const Row& row, const Centres& s, double v) {
+// Change of the potential if each of `values` joined the centres; only the span between its
+// neighbouring centres changes, and its new run [lo, hi) lies inside their runs.
+void try_insert(const Row& row, const Centres& s, const double* values, int trials, Insertion* out) {
   const int m = s.m;
-  int slot = 0;
-  while (slot < m && s.c[slot] < v) ++slot;
-  const double left = slot > 0 ? s.c[slot - 1] : v, right = slot < m ? s.c[slot] : v;
-  const int split = s.bounds[slot];
-  const int lo = slot > 0 ? row.count_le((left + v) / 2, s.bounds[slot - 1], split) : 0;
-  const int hi = slot < m ? row.count_le((v + right) / 2, split, s.bounds[slot + 1]) : row.n;
-  const Sums& a = row.p[lo];
-  const Sums& b = row.p[split];
-  const Sums& e = row.p[hi];
-  const double old = cost(b - a, left) + cost(e - b, right);
-  return {cost(e - a, v) - old, slot, lo, hi};
+  int base[2 * kMaxTrials], end[2 * kMaxTrials];
+  double limit[2 * kMaxTrials], left[kMaxTrials], right[kMaxTrials];
+  for (int t = 0; t < trials; ++t) {
+    const double v = values[t];
+    int slot = 0;
+    while (slot < m && s.c[slot] < v) ++slot;
+    left[t] = slot > 0 ? s.c[slot - 1] : v;
+    right[t] = slot < m ? s.c[slot] : v;
+    out[t].slot = slot;
+    // lo: how many values are <= (left + v) / 2, within the left centre's run (0 without one)
+    base[t] = slot > 0 ? s.bounds[slot - 1] : 0;
+    end[t] = s.bounds[slot];
+    limit[t] = (left[t] + v) / 2;
+    // hi: how many are <= (v + right) / 2, within the right centre's run (n without one)
+    base[trials + t] = s.bounds[slot];
+    end[trials + t] = slot < m ? s.bounds[slot + 1] : row.n;
+    limit[trials + t] = (v + right[t]) / 2;
+    if (slot == 0) end[t] = 0;
+    if (slot == m) base[trials + t] = row.n;
+  }
+  first_above_each(2 * trials, base, end, row.n, [&](int q, int i) { return row.x[i] > limit[q]; });
+  for (int t = 0; t < trials; ++t) {
+    Insertion& at = out[t];
+    at.lo = base[t];
+    at.hi = base[trials + t];
+    const Sums& a = row.p[at.lo];
+    const Sums& b = row.p[s.bounds[at.slot]];
+    const Sums& e = row.p[at.hi];
+    at.delta = cost(e - a, values[t]) - (cost(b - a, left[t]) + cost(e - b, right[t]));
+  }
 }
 
 void insert(Centres& s, double v, const Insertion& at) {
@@ -165,17 +213,16 @@ void greedy_kmeanspp(const Row& row, int k, Stream& rng, Centres& s) {
   s.c[0] = row.x[std::min(first, row.n - 1)];
   s.bounds[0] = 0;
   s.bounds[1] = row.n;
-  const int trials = 2 + static_cast<int>(std::log(static_cast<double>(k)));
+  const int trials = std::min(kMaxTrials, 2 + static_cast<int>(std::log(static_cast<double>(k))));
+  double values[kMaxTrials];
+  Insertion at[kMaxTrials];
   for (int step = 1; step < k; ++step) {
     s.update_cumulative(row);
-    double best_v = 0;
-    Insertion best{0, 0, 0, 0};
-    for (int t = 0; t < trials; ++t) {
-      const double v = sample_by_potential(row, s, rng.next());
-      const Insertion at = try_insert(row, s, v);
-      if (t == 0 || at.delta < best.delta) best = at, best_v = v;
-    }
-    insert(s, best_v, best);
+    sample_by_potential(row, s, rng, trials, values);
+    try_insert(row, s, values, trials, at);
+    int best = 0;  // the candidate lowering the potential most; the first of equals
+    for (int t = 1; t < trials; ++t) best = at[t].delta < at[best].delta ? t : best;
+    insert(s, values[best], at[best]);
   }
 }
 

@@ -235,8 +235,9 @@ def test_accepts_parameters_and_half_precision(path):
 # --- the compiled CPU path (cuda_ext/csrc/cpu_kmeans.cpp) against the torch path ------------------
 
 # Mean over rows of compiled / torch objective. Different random streams reach different optima of
-# equal quality: measured 0.98-1.01 on these rows (K = 4, 8, 16); the demo model: bench/kmeans.py.
-COMPILED_VS_TORCH_BOUND = 0.03
+# equal quality: measured 0.998, 1.023, 0.992 on these rows (K = 4, 8, 16); the demo model:
+# bench/kmeans.py. Against scikit-learn the compiled path is held to MEAN_RATIO_BOUND above.
+COMPILED_VS_TORCH_BOUND = 0.04
 
 
 def torch_path(x: torch.Tensor, w: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
