@@ -41,6 +41,7 @@ ROWS = {  # name -> (family, QuantConfig or None, weighted)
     "unweighted k-means 3-bit (Fisher ignored)": ("ours", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), False),
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def paper_bits(shapes: list[tuple[int, int]], bits: int, nnz: int, method: str) -> float:
@@ -90,24 +91,39 @@ def run_row(name: str, family: str, config: QuantConfig | None, weighted: bool, 
     return row
 
 
+def original_of(name: str) -> str | None:
+    """The 'original method' row with the same settings as our squeezellm row ``name``, if any."""
+    if not name.startswith("squeezellm "):
+        return None
+    return "original method " + name.removeprefix("squeezellm ").removesuffix(" (0.45% + 0.05%)")
+
+
 def table(rows: list[dict]) -> str:
+    """Markdown table; 'vs original' is ours / the original method's perplexity at the same settings (target <= 1.01)."""
     base = next((r["perplexity"] for r in rows if r["name"].startswith("fp32")), None)
+    by_name = {r["name"]: r for r in rows}
     lines = ["| setting | bits per weight (paper convention) | bits per weight (as stored) | sparse % | perplexity "
-             "| vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+             "| vs fp32 | vs original method |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         bp = f"{r['bits_paper']:.2f}" if r.get("bits_paper") else "same as ours"
         bs = f"{r['bits_stored']:.2f}" if not r["name"].startswith("original") else "-"
         rel = f"{r['perplexity'] / base:.3f}x" if base else "-"
-        lines.append(f"| {r['name']} | {bp} | {bs} | {r['sparse_percent']:.2f} | {r['perplexity']:.2f} | {rel} |")
+        twin = by_name.get(original_of(r["name"]) or "")
+        vs = f"**{r['perplexity'] / twin['perplexity']:.3f}x**" if twin else "-"
+        lines.append(f"| {r['name']} | {bp} | {bs} | {r['sparse_percent']:.2f} | {r['perplexity']:.2f} | {rel} | {vs} |")
     return "\n".join(lines)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-original", action="store_true", help="leave out the slow scikit-learn reference")
     parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these words")
     parser.add_argument("--samples", type=int, default=100, help="calibration windows for the Fisher (default 100)")
+    parser.add_argument("--from-json", action="store_true",
+                        help="measure nothing: rewrite the sections from bench/results/accuracy.json")
     args = parser.parse_args()
+    if args.from_json:
+        write_sections(json.loads(RESULTS.read_text()), EvalConfig(), CalibrationConfig(samples=args.samples))
+        return
     from core.data import corpus_tokens, evaluation_windows
     from core.models import load_model
 
@@ -126,7 +142,12 @@ def main() -> None:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(rows + [r for n, r in old.items() if n not in {x['name'] for x in rows}],
                                       indent=1))
-    rows.sort(key=lambda r: list(ROWS).index(r["name"]))
+    write_sections(rows, eval_cfg, fisher_cfg)
+
+
+def write_sections(rows: list[dict], eval_cfg: EvalConfig, fisher_cfg: CalibrationConfig) -> None:
+    """The "accuracy" section of BENCHMARKS.md and the results table of the README."""
+    rows = sorted(rows, key=lambda r: list(ROWS).index(r["name"]))
     text = (f"## Accuracy: perplexity of the demo model\n\n{machine_line()}\n\nBuilt-in corpus, first "
             f"{eval_cfg.windows} x {eval_cfg.seqlen} evaluation tokens (identical windows for every row); Fisher "
             f"from {fisher_cfg.samples} x {fisher_cfg.seqlen}-token windows of the second half of the corpus. "
@@ -134,8 +155,11 @@ def main() -> None:
             "selection, fp32 LUT) reproduced by bench/original.py with the same Fisher and the same outlier "
             "thresholds.\n\n" + table(rows))
     update_section("accuracy", text)
+    readme = (f"Perplexity of the demo model (SmolLM2-135M-Instruct) on {eval_cfg.windows} x {eval_cfg.seqlen} tokens "
+              f"of the built-in text, Fisher from {fisher_cfg.samples} windows (`python -m bench.accuracy`; speed and "
+              "memory: BENCHMARKS.md):\n\n" + table(rows))
+    update_section("results", readme, README)
     print(table(rows))
-
 
 if __name__ == "__main__":
     main()
