@@ -11,6 +11,8 @@ import torch
 
 from core import kmeans
 from core.kmeans import nearest_codes, sanitize_weights, weighted_kmeans_1d, weighted_objective
+import core.kmeans_torch
+from core.kmeans_torch import kmeans_torch
 
 # Mean over rows of (our objective / scikit-learn's). Measured with these generators: 0.95-0.99
 # on the synthetic rows (4 data seeds, K = 4, 8, 16) and ~0.97 on the demo model's real rows
@@ -114,7 +116,7 @@ def test_same_seed_same_result_and_chunking_does_not_matter(monkeypatch):
     x, w = heavy_tailed_rows(seed=3, rows=24)
     first = weighted_kmeans_1d(x, w, 8, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(first, weighted_kmeans_1d(x, w, 8, seed=5)))
-    monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 5 * x.shape[1])  # 5 rows per chunk
+    monkeypatch.setattr(core.kmeans_torch, "CHUNK_ELEMENTS", 5 * x.shape[1])  # 5 rows per chunk
     assert all(torch.equal(a, b) for a, b in zip(first, weighted_kmeans_1d(x, w, 8, seed=5)))
     other = weighted_kmeans_1d(x, w, 8, seed=6)[0]
     assert not torch.equal(first[0], other)
@@ -241,7 +243,7 @@ COMPILED_VS_TORCH_BOUND = 0.04
 
 
 def torch_path(x: torch.Tensor, w: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
-    return kmeans._kmeans_torch(x, w, k, options.get("max_iter", 50), options.get("seed", 0),
+    return kmeans_torch(x, w, k, options.get("max_iter", 50), options.get("seed", 0),
                                 options.get("tol", 1e-6), options.get("restarts", kmeans.DEFAULT_RESTARTS))
 
 
