@@ -100,12 +100,13 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike, settings: dict, *,
-                   overwrite: bool = False) -> Generator[ProgressEvent, None, Path]:
+                   overwrite: bool = False, half_embeddings: bool = True) -> Generator[ProgressEvent, None, Path]:
     """Write a quantized model folder; nothing appears at ``output`` until it is complete.
 
     settings: JSON-ready quantization settings (QuantConfig dict, calibration, report numbers).
-    A float32 model's token embedding and output head are switched to float16 storage in place
-    first (core.half_head), so the model in memory is the one saved.
+    half_embeddings: switch a float32 model's token embedding and output head to float16 storage
+    in place first (core.half_head), so the model in memory is the one saved; False keeps them as
+    they are (an import must reproduce its source exactly).
     """
     from safetensors.torch import save_file
 
@@ -115,7 +116,7 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         yield ProgressEvent("save", 0, 3, "saving: tensors")
-        halved = halve_embeddings(model)
+        halved = half_embeddings and halve_embeddings(model)
         save_file(_unique_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")
         config = model.config.to_dict()

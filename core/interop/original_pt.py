@@ -230,7 +230,9 @@ def import_original_checkpoint(ckpt: str | Path, base: str | None, output: str |
         yield ProgressEvent("convert", i + 1, len(layers), f"converted {name}")
     from_base = source.fill_dense(model, dense)
     settings = _settings(model, ckpt, base, folded, from_base)
-    return (yield from save_quantized(model, source.tokenizer, output, settings, overwrite=overwrite))
+    # the embeddings stay as the source has them: the import reproduces the original's model exactly
+    return (yield from save_quantized(model, source.tokenizer, output, settings, overwrite=overwrite,
+                                      half_embeddings=False))
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
