@@ -52,7 +52,8 @@ def run_one(name: str, quick: bool) -> tuple[str, float]:
 
 HEAD = """# Benchmarks
 
-Every number here is written by a script in `bench/`; `python -m bench` runs them all{quick} and wrote this head:
+Every number here is written by a script in `bench/`; `python -m bench` runs them all. Its last run{quick}
+wrote this head; a section it did not run keeps the date line of the run that wrote it.
 
 {machine}
 
