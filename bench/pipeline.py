@@ -84,7 +84,7 @@ def main() -> None:
     lines += [f"| **total** | **{total:.1f}** |", f"| all steps but the Fisher pass | {not_fisher:.1f} |", "",
               "Sizes (bits per weight count every stored bit of the quantized layers: packed codes, fp16 LUT per "
               "row, 64 bits per sparse entry (fp32 value + int32 column) and the CSR row pointers; the folder "
-              "also holds the fp32 embeddings and norms):", "",
+              "also holds the embeddings (fp16 for a float32 model) and the norms):", "",
               "| setting | bits per weight | sparse % | quantized layers | folder on disk | quantize s |",
               "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {format_bytes(r[3])} | {format_bytes(r[4])} | {r[5]:.1f} |"
