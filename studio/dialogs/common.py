@@ -1,4 +1,4 @@
-"""What the import and export dialogs share: a path picker, and a dialog that runs one job with an
+"""What the import and export dialogs share: a dialog that runs one job with an
 overall bar, a log, Cancel, and a result line with a button that shows the result in its folder."""
 
 from __future__ import annotations
@@ -6,72 +6,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QDialog,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
-from studio import storage
 from studio.pages.base import caption
 from studio.widgets.progress_panel import JobProgressPanel
 from studio.workers import JobRunner
 
 LOG_HEIGHT = 110
-
-
-class PathPicker(QWidget):
-    """A path typed or browsed for. mode: "open" (an existing file), "folder" (a folder to write; a
-    browsed folder that holds files gets ``default_name()`` appended) or "save" (a file to write).
-    Browsing starts in, and remembers, the ``kind`` of folder (studio.storage)."""
-
-    changed = Signal()
-
-    def __init__(self, kind: str, caption_text: str, mode: str, file_filter: str = "",
-                 default_name: Callable[[], str] | None = None, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.kind, self.caption, self.mode, self.file_filter = kind, caption_text, mode, file_filter
-        self.default_name = default_name
-        self.edit = QLineEdit()
-        self.browse_button = QPushButton("Browse…")
-        self.browse_button.clicked.connect(self._browse)
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.edit, 1)
-        layout.addWidget(self.browse_button)
-        self.edit.textChanged.connect(lambda _text: self.changed.emit())
-
-    def value(self) -> str:
-        return self.edit.text().strip()
-
-    def set_value(self, path: str | Path) -> None:
-        self.edit.setText(str(path))
-
-    def set_mode(self, mode: str, file_filter: str = "") -> None:
-        self.mode, self.file_filter = mode, file_filter
-
-    def _browse(self) -> None:
-        start = storage.last_folder(self.kind)
-        if self.mode == "open":
-            path, _ = QFileDialog.getOpenFileName(self, self.caption, start, self.file_filter)
-        elif self.mode == "save":
-            path, _ = QFileDialog.getSaveFileName(self, self.caption, str(Path(start) / Path(self.value()).name),
-                                                  self.file_filter)
-        else:
-            path = QFileDialog.getExistingDirectory(self, self.caption, start)
-            if path and self.default_name is not None and any(Path(path).iterdir()):
-                path = str(Path(path) / self.default_name())
-        if path:
-            storage.remember_folder(self.kind, Path(path) if Path(path).is_dir() else Path(path).parent)
-            self.set_value(path)
 
 
 def show_in_folder(path: Path) -> None:

@@ -9,7 +9,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QWidget
 
 from studio import storage
-from studio.dialogs.common import JobDialog, PathPicker
+from studio.dialogs.common import JobDialog
+from studio.widgets.pickers import PathPicker
 from studio.dialogs.interop_jobs import (
     COST_WINDOWS,
     ExportOutcome,

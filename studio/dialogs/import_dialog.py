@@ -8,7 +8,8 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
 from studio import storage
-from studio.dialogs.common import JobDialog, PathPicker
+from studio.dialogs.common import JobDialog
+from studio.widgets.pickers import PathPicker
 from studio.dialogs.interop_jobs import IMPORT_STAGES, ImportOutcome, fresh_path, import_job
 from studio.session import Session
 from studio.workers import JobRunner

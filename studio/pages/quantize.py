@@ -32,7 +32,7 @@ from studio.model_info import describe
 from studio.pages.base import Page, align_form_labels, group
 from studio.session import QuantResult
 from studio.widgets.config_form import ConfigForm
-from studio.widgets.pickers import CorpusPicker, FolderPicker
+from studio.widgets.pickers import CorpusPicker, PathPicker
 from studio.widgets.progress_panel import JobProgressPanel, format_seconds
 from studio.widgets.quant_controls import QuantControls
 
@@ -63,7 +63,8 @@ class QuantizePage(Page):
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
             custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
-        self.output_picker = FolderPicker("output", "Where to save the quantized model", self._default_name)
+        self.output_picker = PathPicker("output", "Where to save the quantized model", "folder",
+                                        default_name=self._default_name)
         self.output_picker.setToolTip("A new or empty folder; it appears only when the run has finished")
         self.device_combo = QComboBox()
         for device in ("auto", "cpu", "cuda"):

@@ -51,19 +51,18 @@ class CorpusPicker(QWidget):
             self.set_value(path)
 
 
-class FolderPicker(QWidget):
-    """A folder path to write to (it need not exist yet).
-
-    Browsing picks a place; when the chosen folder already holds files, ``default_name()`` is
-    appended so that a new folder is created inside it.
-    """
+class PathPicker(QWidget):
+    """A path typed or browsed for. mode: "open" (an existing file), "folder" (a folder to write; a
+    browsed folder that holds files gets ``default_name()`` appended) or "save" (a file to write).
+    Browsing starts in, and remembers, the ``kind`` of folder (studio.storage)."""
 
     changed = Signal()
 
-    def __init__(self, kind: str, caption: str, default_name: Callable[[], str] | None = None,
-                 parent: QWidget | None = None) -> None:
+    def __init__(self, kind: str, caption_text: str, mode: str, file_filter: str = "",
+                 default_name: Callable[[], str] | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.kind, self.caption, self.default_name = kind, caption, default_name
+        self.kind, self.caption, self.mode, self.file_filter = kind, caption_text, mode, file_filter
+        self.default_name = default_name
         self.edit = QLineEdit()
         self.browse_button = QPushButton("Browse…")
         self.browse_button.clicked.connect(self._browse)
@@ -76,15 +75,23 @@ class FolderPicker(QWidget):
     def value(self) -> str:
         return self.edit.text().strip()
 
-    def set_value(self, path: str) -> None:
+    def set_value(self, path: str | Path) -> None:
         self.edit.setText(str(path))
 
+    def set_mode(self, mode: str, file_filter: str = "") -> None:
+        self.mode, self.file_filter = mode, file_filter
+
     def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, self.caption, storage.last_folder(self.kind))
-        if not path:
-            return
-        storage.remember_folder(self.kind, path)
-        folder = Path(path)
-        if self.default_name is not None and folder.is_dir() and any(folder.iterdir()):
-            folder = folder / self.default_name()
-        self.set_value(str(folder))
+        start = storage.last_folder(self.kind)
+        if self.mode == "open":
+            path, _ = QFileDialog.getOpenFileName(self, self.caption, start, self.file_filter)
+        elif self.mode == "save":
+            path, _ = QFileDialog.getSaveFileName(self, self.caption, str(Path(start) / Path(self.value()).name),
+                                                  self.file_filter)
+        else:
+            path = QFileDialog.getExistingDirectory(self, self.caption, start)
+            if path and self.default_name is not None and any(Path(path).iterdir()):
+                path = str(Path(path) / self.default_name())
+        if path:
+            storage.remember_folder(self.kind, Path(path) if Path(path).is_dir() else Path(path).parent)
+            self.set_value(path)
