@@ -5,7 +5,7 @@ Each job yields ``ProgressEvent``s and returns its outcome; the JobRunner runs i
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,38 +125,43 @@ def perplexity_cost(quantized: Path, exported: Path, config: EvalConfig
     return PerplexityCost(rows[0].perplexity, rows[1].perplexity, config)
 
 
-def _noting_warnings(gen: Generator, warnings: list[str]) -> Generator:
-    """Re-yield ``gen``'s events, appending the message of each "warning" event to ``warnings``."""
+def _relay(gen: Generator, convert: Callable[[ProgressEvent], ProgressEvent]) -> Generator:
+    """Re-yield ``convert(event)`` for each of ``gen``'s events and return its result; closing this
+    closes ``gen`` (a cancel reaches the export, so its temporary files go before "finished")."""
     try:
         while True:
             try:
                 event = next(gen)
             except StopIteration as stop:
                 return stop.value
-            if event.stage == "warning":
-                warnings.append(event.message)
-            yield event
+            yield convert(event)
     finally:
-        gen.close()  # a cancel closes the export here, so its temporary files go before "finished"
+        gen.close()
+
+
+def _noting_warnings(gen: Generator, warnings: list[str]) -> Generator:
+    """Re-yield ``gen``'s events, appending the message of each "warning" event to ``warnings``."""
+    def note(event: ProgressEvent) -> ProgressEvent:
+        if event.stage == "warning":
+            warnings.append(event.message)
+        return event
+
+    return (yield from _relay(gen, note))
 
 
 def _as_one_stage(gen: Generator, stage: str, models: int) -> Generator:
     """Re-yield the events of core.evaluate.compare over ``models`` models as one stage of 0..1000:
     its "load" events say which model is next, its "eval" events how far that model has got."""
     index = 0
-    try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if event.stage == "load":
-                index = min(event.done, models)
-            within = event.fraction if event.stage == "eval" else 0.0
-            done = int(1000 * min(1.0, (index + within) / models))
-            yield ProgressEvent(stage, done, 1000, event.message)
-    finally:
-        gen.close()
+
+    def rescale(event: ProgressEvent) -> ProgressEvent:
+        nonlocal index
+        if event.stage == "load":
+            index = min(event.done, models)
+        within = event.fraction if event.stage == "eval" else 0.0
+        return ProgressEvent(stage, int(1000 * min(1.0, (index + within) / models)), 1000, event.message)
+
+    return (yield from _relay(gen, rescale))
 
 
 def fresh_path(folder: Path, stem: str, suffix: str = "") -> Path:
