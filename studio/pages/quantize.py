@@ -80,6 +80,7 @@ class QuantizePage(Page):
         self.run_button.setObjectName("primary")
         self.run_button.setToolTip("Start the run (Ctrl+R); you can cancel at any time")
         self.panel = JobProgressPanel(runner, STAGE_LABELS)
+        self.panel.show_stage("allocate", False)  # shown for mixed-precision runs only
         self.layers_table = QTableWidget(0, 4)
         self.layers_table.setHorizontalHeaderLabels(["Matrix", "Status", "Kept exactly", "Relative error"])
         self.layers_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -251,6 +252,7 @@ class QuantizePage(Page):
         for r in range(self.layers_table.rowCount()):
             for c, text in ((1, "waiting"), (2, ""), (3, "")):
                 self.layers_table.setItem(r, c, QTableWidgetItem(text))
+        self.panel.show_stage("allocate", job.config.target_bits is not None)
         self.panel.watch(QUANTIZE_TITLE)
         self.result_label.setText("Running…")
         return self.runner.run(QUANTIZE_TITLE, lambda: quantize_job(job), stages=QUANTIZE_STAGES,
@@ -286,7 +288,9 @@ class QuantizePage(Page):
                 self.layers_table.item(r, 1).setText("done")
                 self.layers_table.setItem(r, 2, QTableWidgetItem(f"{layer.sparse:,}"))
                 self.layers_table.setItem(r, 3, QTableWidgetItem(f"{layer.relative_error:.4f}"))
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items() if v >= 0.5)
+        # k-means seconds are summed over the worker threads, so they can exceed the wall-clock total
+        stages = ", ".join(f"{k} {v:.0f} {'CPU-s' if k == 'kmeans' else 's'}" for k, v in report.seconds.items()
+                           if v >= 0.5)
         split = report.matrices_per_bits
         mixed = (" (" + ", ".join(f"{n} matrices at {bits} bits" for bits, n in split.items()) + ")"
                  if len(split) > 1 else "")

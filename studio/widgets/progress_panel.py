@@ -36,12 +36,14 @@ class JobProgressPanel(QWidget):
         grid = QGridLayout()
         grid.setColumnStretch(1, 1)
         self.stage_bars: dict[str, QProgressBar] = {}
+        self._stage_labels: dict[str, QLabel] = {}
         for row, (stage, label) in enumerate(stages.items()):
             bar = QProgressBar()
             bar.setRange(0, 1000)
             bar.setValue(0)
             bar.setFormat("%p%")
-            grid.addWidget(QLabel(label), row, 0)
+            self._stage_labels[stage] = QLabel(label)
+            grid.addWidget(self._stage_labels[stage], row, 0)
             grid.addWidget(bar, row, 1)
             self.stage_bars[stage] = bar
         self.overall_bar = QProgressBar()
@@ -71,6 +73,11 @@ class JobProgressPanel(QWidget):
         layout.addWidget(self.log_view, 1)
         runner.progress.connect(self._on_progress)
         runner.finished.connect(self._on_finished)
+
+    def show_stage(self, stage: str, visible: bool) -> None:
+        """Show or hide the row of a stage that only some runs have."""
+        self._stage_labels[stage].setVisible(visible)
+        self.stage_bars[stage].setVisible(visible)
 
     def watch(self, title: str) -> None:
         """Follow the job ``title`` from now on (bars reset)."""

@@ -63,6 +63,7 @@ def test_load_sensitivity_readouts_quantize_evaluate_chat(qtbot, window, tiny_mo
     assert (output / "config.json").is_file()
     assert "bits per weight" in quantize.result_label.text()
     assert quantize.panel.overall_bar.value() == 1000
+    assert not quantize.panel.stage_bars["allocate"].isVisibleTo(quantize)  # no mixed-bits row in a 4-bit run
     assert all(quantize.layers_table.item(r, 1).text() == "done" for r in range(14))
     assert quantize.evaluate_button.isEnabled()
     # the Inspect page now shows the lookup-table values of the selected matrix

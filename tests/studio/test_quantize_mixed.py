@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.studio.helpers import open_model, wait_idle
+from tests.studio.helpers import open_model, run_and_wait, small_calibration, wait_idle
 
 
 def test_target_bits_field_sets_the_budget_and_follows_the_method(qtbot, window, tiny_model_dir):
@@ -40,3 +40,17 @@ def test_mixed_runs_are_named_after_the_target_and_estimated_at_both_widths(tmp_
     single = estimate_seconds(*args, QuantConfig(bits=4), CalibrationConfig(), True, False)["quantize"]
     mixed = estimate_seconds(*args, QuantConfig(target_bits=3.5), CalibrationConfig(), True, False)["quantize"]
     assert mixed == pytest.approx(single * 7 / 4)
+
+
+def test_a_mixed_run_shows_its_allocation_stage(qtbot, window, tiny_model_dir, corpus_file, tmp_path):
+    page = window.pages["quantize"]
+    assert open_model(qtbot, window, tiny_model_dir) == "done"
+    wait_idle(qtbot, window)
+    assert not page.panel.stage_bars["allocate"].isVisibleTo(page)
+    page.mixed_form.editors["target_bits"].setValue(3.5)
+    small_calibration(window, corpus_file)
+    page.output_picker.set_value(str(tmp_path / "mixed"))
+    assert run_and_wait(qtbot, window, page.run_button.click) == "done"
+    assert page.panel.stage_bars["allocate"].isVisibleTo(page)
+    assert page.panel.stage_bars["allocate"].value() == 1000
+    assert "matrices at 4 bits" in page.result_label.text()
