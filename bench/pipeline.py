@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from bench.report import machine_line, update_section
-from core.cli import folder_bytes, format_bytes
+from core.cli import folder_bytes
+from core.units import format_bytes
 from core.config import CalibrationConfig, OutlierConfig, QuantConfig
 from core.progress import run_to_end
 

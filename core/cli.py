@@ -141,14 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def folder_bytes(path: Path) -> int:
     path = Path(path)
     if path.is_file():

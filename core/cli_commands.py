@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from core.cli import (_add_calibration, _add_quant_settings, calibration_from, drive, folder_bytes, format_bytes,
+from core.cli import (_add_calibration, _add_quant_settings, calibration_from, drive, folder_bytes,
                       quant_config_from)
+from core.units import format_bytes
 
 
 # ---- quantize ---------------------------------------------------------------------------------------

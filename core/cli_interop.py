@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.cli import drive, folder_bytes, format_bytes
+from core.cli import drive, folder_bytes
+from core.units import format_bytes
 
 _DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float32": "float32", "fp32": "float32"}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from core.config import EvalConfig
 from core.errors import UserError
 from core.progress import ProgressEvent
+from core.units import format_bytes
 
 _OOM_MARKERS = ("out of memory", "can't allocate", "cannot allocate")
 
@@ -281,21 +282,11 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def format_compare_table(rows: list[CompareRow]) -> str:
     """A markdown table (also readable as plain text) of a comparison."""
     header = ["model", "perplexity", "vs first", "bits/weight", "size on disk", "tokens/s"]
     body = [[r.name, f"{r.perplexity:.3f}", f"{r.delta_vs_first:.3f}x", f"{r.bits_per_weight:.2f}",
-             _human_bytes(r.size_on_disk_bytes), f"{r.tokens_per_second:.0f}"] for r in rows]
+             format_bytes(r.size_on_disk_bytes), f"{r.tokens_per_second:.0f}"] for r in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+from core.units import format_bytes
+
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+    return format_bytes(n, missing="–")
 
 
 def megabytes(n: float | None) -> float | None:
