@@ -26,8 +26,21 @@ def _backend(device: torch.device) -> str:
     the reference, "cpu" / "cuda" allow only that kernel. A kernel that cannot be built logs one
     warning (in cuda_ext) and the reference serves. The CUDA kernels are chosen only by "cuda"
     (opt-in until verified on a GPU); asking for them where they cannot work logs that once.
+    The answer is remembered per (setting, device type): a build's success or failure is final
+    for the process, and this runs on every quantized layer call (the lookup took 4 us, as long
+    as the kernel call itself on a small layer).
     """
-    choice = os.environ.get("SQUEEZE_KERNELS", "auto").strip().lower()
+    key = (os.environ.get("SQUEEZE_KERNELS", "auto"), device.type)
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = _pick_backend(key[0].strip().lower(), device)
+    return backend
+
+
+_BACKENDS: dict[tuple[str, str], str] = {}
+
+
+def _pick_backend(choice: str, device: torch.device) -> str:
     if choice == "cuda":
         import cuda_ext
 
