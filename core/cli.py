@@ -45,6 +45,12 @@ def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
             bar.set_postfix_str(event.message[-60:], refresh=True)
     except KeyboardInterrupt:
         gen.close()
+        if bar is not None:
+            bar.leave = False  # an interrupted or failed stage's bar is wiped, so the last line says why
+        raise
+    except Exception:
+        if bar is not None:
+            bar.leave = False
         raise
     finally:
         if bar is not None:

@@ -80,8 +80,15 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
 
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
-// Columns per chunk of work: their partial sums (8 floats per row and column) and LUTs stay in L1.
-inline int64_t tile_width(int64_t rows) { return rows <= 2 ? 128 : 64; }
+// Columns per chunk of work: at most 128 (64 above 2 rows), so their partial sums (8 floats per row
+// and column) and LUTs stay in L1, and as many chunks as a multiple of the thread count, so no thread
+// waits for another's extra chunk (192 columns on 2 threads: 2 x 96, not 128 + 64), in multiples of 8
+// (the 4-bit byte path's unit).
+inline int64_t tile_width(int64_t rows, int64_t out) {
+  const int64_t widest = rows <= 2 ? 128 : 64, threads = std::max(1, at::get_num_threads());
+  const int64_t chunks = ((out + widest - 1) / widest + threads - 1) / threads * threads;
+  return std::max<int64_t>(8, ((out + chunks - 1) / chunks + 7) / 8 * 8);
+}
 
 // y[r, n] = decoded column n . x[r] + sparse row n . x[r] + bias[n], for rows r < rows <= kMaxRows.
 void lut_matvec(const at::Tensor& xp, const at::Tensor& lut, const at::Tensor& qweight, int bits, int64_t in_features,
@@ -90,7 +97,7 @@ void lut_matvec(const at::Tensor& xp, const at::Tensor& lut, const at::Tensor& q
   const int32_t* q = qweight.data_ptr<int32_t>();
   const float* x = xp.data_ptr<float>() + row0 * ldx;
   float* yp = y.data_ptr<float>() + row0 * out;
-  const int64_t width = tile_width(rows);
+  const int64_t width = tile_width(rows, out);
 #if SQUEEZE_AVX2
   const bool bytes_path = bits == 4 && lut.scalar_type() == at::kHalf;
   std::vector<float> xperm(bytes_path ? rows * ldx : 0);
