@@ -25,6 +25,7 @@ from core.errors import UserError
 from core.half_head import halve_embeddings
 from core.layers import SqueezeLinear
 from core.progress import ProgressEvent
+from core.shared_input import link_shared_inputs
 
 QUANT_METHOD = "squeezellm"
 # quantization_config key saying the token embedding (and a tied or untied head) is stored in float16.
@@ -228,6 +229,7 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     if half_embeddings:
         halve_embeddings(model)  # wraps the stored float16 tensors, no copy
     model.to(device).eval()
+    link_shared_inputs(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(model, tokenizer, str(folder), folder.name, quantized=True)
 

@@ -126,6 +126,20 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
     raise RuntimeError(f"unknown lut_matmul backend {backend!r}")
 
 
+def lut_matmul_many(x: torch.Tensor, layers: list[tuple], in_features: int) -> list[torch.Tensor] | None:
+    """x through several layers that read it, in one call of the CPU kernel: one output per layer.
+
+    layers: (qweight, lookup_table, bits, sparse_rows, sparse_cols, sparse_vals, bias) per layer,
+    arguments as in ``lut_matmul``. None where that kernel does not serve x (another device,
+    SQUEEZE_KERNELS=torch, or a graph that needs gradients): the caller runs ``lut_matmul`` per layer.
+    """
+    if (x.requires_grad and torch.is_grad_enabled()) or _backend(x.device) != "cpu-ext":
+        return None
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features but the layers expect {in_features}")
+    return _cpu_kernel().lut_matmul_many(x, layers, in_features)
+
+
 def _lut_matmul_torch(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
                       sparse_vals, bias) -> torch.Tensor:
     """Reference: dequantize the whole weight to float32, then one float32 GEMM."""

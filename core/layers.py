@@ -55,6 +55,7 @@ class SqueezeLinear(nn.Module):
         self.register_buffer("sparse_cols", torch.zeros(nnz, dtype=torch.int32, device=device))
         self.register_buffer("sparse_vals", torch.zeros(nnz, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.shared_input = None  # a core.shared_input.SharedInputGroup when linked with its siblings
 
     @property
     def nnz(self) -> int:
@@ -96,11 +97,22 @@ class SqueezeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
+        if self.shared_input is not None:  # siblings reading the same x (core.shared_input)
+            y = self.shared_input.output(self, x)
+            if y is not None:
+                return y
         # Buffers read from _buffers: ``self.qweight`` goes through nn.Module.__getattr__ (1.1 us each,
         # 8 us per call: as long as the kernel call itself on a small layer, 210 calls per token).
         b = self._buffers
         return kernels.lut_matmul(x, b["qweight"], b["lookup_table"], self.bits, self.in_features,
                                   b["sparse_rows"], b["sparse_cols"], b["sparse_vals"], b["bias"])
+
+    def kernel_arguments(self) -> tuple:
+        """(qweight, lookup_table, bits, sparse_rows, sparse_cols, sparse_vals, bias): one layer of
+        ``kernels.lut_matmul_many``."""
+        b = self._buffers
+        return (b["qweight"], b["lookup_table"], self.bits, b["sparse_rows"], b["sparse_cols"], b["sparse_vals"],
+                b["bias"])
 
     def dequantize(self) -> torch.Tensor:
         """The effective weight, float32 [out, in] (dense LUT part plus sparse residuals)."""

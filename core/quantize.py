@@ -23,6 +23,7 @@ from core.layers import SqueezeLinear
 from core.outliers import OutlierStats, iqr_threshold, quartiles, sanitize_fisher, solve_range_multiplier, sparse_mask
 from core.packing import dense_to_csr
 from core.progress import ProgressEvent
+from core.shared_input import link_shared_inputs
 
 T = TypeVar("T")
 
@@ -205,7 +206,15 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
     fisher: name -> float32 [out, in] (from ``load_or_compute_fisher``); None gives unweighted k-means.
     device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
     With ``config.target_bits`` each matrix gets 3 or 4 bits under that budget (core.mixed_precision).
+    Sibling layers that read the same input are linked to run as one kernel call (core.shared_input).
     """
+    report = yield from _quantize_linears(model, config, fisher, device)
+    link_shared_inputs(model)
+    return report
+
+
+def _quantize_linears(model: torch.nn.Module, config: QuantConfig, fisher: dict[str, torch.Tensor] | None,
+                      device: str | torch.device | None) -> Generator[ProgressEvent, None, QuantReport]:
     from core.models import quantizable_linears
 
     if config.target_bits is not None:

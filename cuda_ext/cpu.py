@@ -1,10 +1,13 @@
 """The CPU kernel (csrc/cpu_lut.cpp): LUT mat-vec on the packed codes, tiled dequantize + GEMM for prefill.
 
-Registers two torch ops (so torch.compile sees them, with fake implementations for tracing):
+Registers torch ops (so torch.compile sees them, with fake implementations for tracing):
 
 * ``torch.ops.squeeze.lut_matmul_cpu(x, qweight, lookup_table, bits, in_features, sparse_rows,
   sparse_cols, sparse_vals, bias, max_matvec_rows=8)``: x [..., in] any float dtype ->
   [..., out] in x's dtype, computed in float32 (arguments as ``core.kernels.lut_matmul``);
+* ``torch.ops.squeeze.lut_matmul_many_cpu(x, qweights, lookup_tables, bits, in_features, sparse_rows,
+  sparse_cols, sparse_vals, biases, max_matvec_rows=8)``: the same for several layers that read the
+  same x (lists with one entry per layer), in one parallel region -> one output per layer;
 * ``torch.ops.squeeze.dequantize_cpu(qweight, lookup_table, bits, in_features, sparse_rows,
   sparse_cols, sparse_vals)``: the dense weight float32 [out, in];
 * ``torch.ops.squeeze.half_linear_cpu(x, weight, bias, max_matvec_rows=8)``: x [..., in] any float
@@ -67,15 +70,17 @@ def missing_requirement() -> str | None:
 def build() -> str:
     """Compile (once per machine; cached) and load the library; register the fake implementations."""
     flags = compile_flags()
-    global _lut_matmul_op, _half_linear_op
+    global _lut_matmul_op, _lut_matmul_many_op, _half_linear_op
     path = jit.build("squeeze_cpu", SOURCES, flags, ["-fopenmp"] if "-fopenmp" in flags else [], HEADERS)
     _register_fakes()
     _lut_matmul_op = torch.ops.squeeze.lut_matmul_cpu.default  # resolved once: ~1 us less per call
+    _lut_matmul_many_op = torch.ops.squeeze.lut_matmul_many_cpu.default
     _half_linear_op = torch.ops.squeeze.half_linear_cpu.default
     return path
 
 
 _lut_matmul_op = None
+_lut_matmul_many_op = None
 _half_linear_op = None
 
 
@@ -84,6 +89,11 @@ def _register_fakes() -> None:
     def _lut_matmul_fake(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals,
                          bias, max_matvec_rows=MAX_MATVEC_ROWS):
         return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+    @torch.library.register_fake("squeeze::lut_matmul_many_cpu")
+    def _lut_matmul_many_fake(x, qweights, lookup_tables, bits, in_features, sparse_rows, sparse_cols, sparse_vals,
+                              biases, max_matvec_rows=MAX_MATVEC_ROWS):
+        return [x.new_empty((*x.shape[:-1], q.shape[1])) for q in qweights]
 
     @torch.library.register_fake("squeeze::dequantize_cpu")
     def _dequantize_fake(qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals):
@@ -106,6 +116,18 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
     op = _lut_matmul_op or torch.ops.squeeze.lut_matmul_cpu.default
     return op(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols, sparse_vals, bias,
               max_matvec_rows)
+
+
+def lut_matmul_many(x: torch.Tensor, layers: list[tuple], in_features: int,
+                    max_matvec_rows: int = MAX_MATVEC_ROWS) -> list[torch.Tensor]:
+    """x [..., in] through several layers at once -> one [..., out_i] per layer, in x's dtype.
+
+    layers: (qweight, lookup_table, bits, sparse_rows, sparse_cols, sparse_vals, bias) per layer,
+    each as in ``lut_matmul``.
+    """
+    op = _lut_matmul_many_op or torch.ops.squeeze.lut_matmul_many_cpu.default
+    q, lut, bits, rows, cols, vals, bias = zip(*layers)
+    return op(x, q, lut, bits, in_features, rows, cols, vals, bias, max_matvec_rows)
 
 
 def dequantize(qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,

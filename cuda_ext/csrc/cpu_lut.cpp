@@ -90,53 +90,77 @@ inline int64_t tile_width(int64_t rows, int64_t out) {
   return std::max<int64_t>(8, ((out + chunks - 1) / chunks + 7) / 8 * 8);
 }
 
-// y[r, n] = decoded column n . x[r] + sparse row n . x[r] + bias[n], for rows r < rows <= kMaxRows.
-void lut_matvec(const at::Tensor& xp, const at::Tensor& lut, const at::Tensor& qweight, int bits, int64_t in_features,
-                const Sparse& sp, const float* bias, at::Tensor& y, int64_t row0, int64_t rows) {
-  const int64_t out = qweight.size(1), groups = qweight.size(0) / bits, ldx = xp.size(1);
-  const int32_t* q = qweight.data_ptr<int32_t>();
-  const float* x = xp.data_ptr<float>() + row0 * ldx;
-  float* yp = y.data_ptr<float>() + row0 * out;
-  const int64_t width = tile_width(rows, out);
+// One layer of a mat-vec call: its checked weights, fp32 bias (or null) and fp32 output [rows, out].
+struct MatvecLayer {
+  Weights w;
+  int bits = 0;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t out = 0, width = 0, chunks = 0;
+  bool bytes_path = false;  // 4-bit codes with an fp16 LUT: the byte-shuffle kernel (cpu_lut_fp16.h)
+};
+
+// Columns [t0, t1) of one layer for input rows [row0, row0 + rows): y = decoded . x + sparse . x + bias.
+void matvec_chunk(const MatvecLayer& L, int64_t chunk, const float* x, const float* xperm, int64_t ldx,
+                  int64_t in_features, int64_t row0, int64_t rows, std::atomic<bool>& bad) {
+  const int64_t t0 = chunk * L.width, t1 = std::min(L.out, t0 + L.width), groups = L.w.qweight.size(0) / L.bits;
+  const int32_t* q = L.w.qweight.data_ptr<int32_t>();
+  const Sparse& sp = L.w.sparse;
+  const int64_t t8 = L.bytes_path ? t0 + (t1 - t0) / 8 * 8 : t0;  // [t0, t8) by the byte path
+  Scratch luts(L.width * 16);  // fp32 LUT rows, or the byte path's tables (32 bytes per column)
+  std::vector<float> dots(L.width * kMaxRows);
 #if SQUEEZE_AVX2
-  const bool bytes_path = bits == 4 && lut.scalar_type() == at::kHalf;
-  std::vector<float> xperm(bytes_path ? rows * ldx : 0);
-  if (bytes_path) permute_inputs(x, rows, ldx, xperm.data());
-  const auto* lut16 = static_cast<const uint16_t*>(lut.const_data_ptr());
-#else
-  const bool bytes_path = false;
+  if (t8 > t0) {
+    auto* tables = reinterpret_cast<uint8_t*>(luts.get());
+    fill_pair_tables(static_cast<const uint16_t*>(L.w.lut.const_data_ptr()), t0, t8, tables);
+    tile_dots_fp16x4_rows(q, L.out, groups, tables, xperm, ldx, static_cast<int>(rows), t0, t8, dots.data());
+  }
+#endif
+  if (t1 > t8) {
+    fill_luts(L.w.lut, L.bits, t8, t1, luts.get());
+    tile_dots_any(q, L.out, L.bits, groups, luts.get(), x, ldx, static_cast<int>(rows), t8, t1,
+                  dots.data() + (t8 - t0) * kMaxRows);
+  }
+  float* yp = L.y + row0 * L.out;
+  for (int64_t n = t0; n < t1; ++n) {
+    float* d = dots.data() + (n - t0) * kMaxRows;
+    if (sp.nnz) {
+      const auto [begin, end] = csr_range(sp, n, bad);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = sp.cols[i];
+        if (k < 0 || k >= in_features) { bad = true; continue; }
+        for (int64_t r = 0; r < rows; ++r) d[r] += sp.vals[i] * x[r * ldx + k];
+      }
+    }
+    const float b = L.bias ? L.bias[n] : 0.f;
+    for (int64_t r = 0; r < rows; ++r) yp[r * L.out + n] = d[r] + b;
+  }
+}
+
+// Input rows [row0, row0 + rows <= kMaxRows) of xp through every layer, in one parallel region:
+// the chunks of all layers share the threads (layers that read the same input, like q/k/v, cost one
+// call and one wait for the slowest thread instead of three).
+void lut_matvec(const at::Tensor& xp, std::vector<MatvecLayer>& layers, int64_t in_features, int64_t row0,
+                int64_t rows) {
+  const int64_t ldx = xp.size(1);
+  const float* x = xp.data_ptr<float>() + row0 * ldx;
+  std::vector<int64_t> first_chunk{0};  // layer i owns chunks [first_chunk[i], first_chunk[i + 1])
+  bool any_bytes = false;
+  for (auto& L : layers) {
+    L.width = tile_width(rows, L.out);
+    L.chunks = (L.out + L.width - 1) / L.width;
+    first_chunk.push_back(first_chunk.back() + L.chunks);
+    any_bytes |= L.bytes_path;
+  }
+  std::vector<float> xperm(any_bytes ? rows * ldx : 0);
+#if SQUEEZE_AVX2
+  if (any_bytes) permute_inputs(x, rows, ldx, xperm.data());
 #endif
   std::atomic<bool> bad{false};
-  parallel_chunks((out + width - 1) / width, [&](int64_t chunk) {
-    const int64_t t0 = chunk * width, t1 = std::min(out, t0 + width);
-    const int64_t t8 = bytes_path ? t0 + (t1 - t0) / 8 * 8 : t0;  // [t0, t8) by the byte path
-    Scratch luts(width * 16);  // fp32 LUT rows, or the byte path's tables (32 bytes per column)
-    std::vector<float> dots(width * kMaxRows);
-#if SQUEEZE_AVX2
-    if (t8 > t0) {
-      auto* tables = reinterpret_cast<uint8_t*>(luts.get());
-      fill_pair_tables(lut16, t0, t8, tables);
-      tile_dots_fp16x4_rows(q, out, groups, tables, xperm.data(), ldx, static_cast<int>(rows), t0, t8, dots.data());
-    }
-#endif
-    if (t1 > t8) {
-      fill_luts(lut, bits, t8, t1, luts.get());
-      tile_dots_any(q, out, bits, groups, luts.get(), x, ldx, static_cast<int>(rows), t8, t1,
-                    dots.data() + (t8 - t0) * kMaxRows);
-    }
-    for (int64_t n = t0; n < t1; ++n) {
-      float* d = dots.data() + (n - t0) * kMaxRows;
-      if (sp.nnz) {
-        const auto [begin, end] = csr_range(sp, n, bad);
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t k = sp.cols[i];
-          if (k < 0 || k >= in_features) { bad = true; continue; }
-          for (int64_t r = 0; r < rows; ++r) d[r] += sp.vals[i] * x[r * ldx + k];
-        }
-      }
-      const float b = bias ? bias[n] : 0.f;
-      for (int64_t r = 0; r < rows; ++r) yp[r * out + n] = d[r] + b;
-    }
+  parallel_chunks(first_chunk.back(), [&](int64_t chunk) {
+    size_t i = 0;
+    while (chunk >= first_chunk[i + 1]) ++i;
+    matvec_chunk(layers[i], chunk - first_chunk[i], x, xperm.data(), ldx, in_features, row0, rows, bad);
   });
   TORCH_CHECK(!bad, "the sparse residual's CSR indices are out of range: the weights are corrupt");
 }
@@ -224,30 +248,65 @@ void lut_gemm(const at::Tensor& x2d, const at::Tensor& qweight, const at::Tensor
 
 // --- the op ---------------------------------------------------------------------------------------
 
+// x [..., in] through layers that all read it: one output [..., out_i] per layer, in x's dtype.
+std::vector<at::Tensor> lut_matmul_many_cpu(const at::Tensor& x, at::TensorList qweights, at::TensorList luts,
+                                            at::IntArrayRef bits, int64_t in_features,
+                                            const c10::List<c10::optional<at::Tensor>>& sparse_rows,
+                                            const c10::List<c10::optional<at::Tensor>>& sparse_cols,
+                                            const c10::List<c10::optional<at::Tensor>>& sparse_vals,
+                                            const c10::List<c10::optional<at::Tensor>>& biases,
+                                            int64_t max_matvec_rows) {
+  const size_t count = qweights.size();
+  TORCH_CHECK(luts.size() == count && bits.size() == count && sparse_rows.size() == count &&
+                  sparse_cols.size() == count && sparse_vals.size() == count && biases.size() == count,
+              "lut_matmul_many: every weight list must have one entry per layer");
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()), "x must be a floating CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x has ", x.size(-1), " features, expected ", in_features);
+  const at::Tensor x2d = x.reshape({-1, in_features});
+  const int64_t rows = x2d.size(0);
+  std::vector<MatvecLayer> layers(count);
+  std::vector<at::Tensor> outputs(count), biases32(count);
+  for (size_t i = 0; i < count; ++i) {
+    MatvecLayer& L = layers[i];
+    L.w = prepare(qweights[i], luts[i], bits[i], in_features, sparse_rows.get(i), sparse_cols.get(i),
+                  sparse_vals.get(i));
+    L.bits = static_cast<int>(bits[i]);
+    L.out = qweights[i].size(1);
+    const c10::optional<at::Tensor> bias = biases.get(i);
+    TORCH_CHECK(!bias.has_value() || bias->numel() == L.out, "bias must have ", L.out, " entries");
+    if (bias.has_value()) {
+      biases32[i] = bias->to(at::kFloat).contiguous();
+      L.bias = biases32[i].data_ptr<float>();
+    }
+    outputs[i] = at::empty({rows, L.out}, x.options().dtype(at::kFloat));
+    L.y = outputs[i].data_ptr<float>();
+    L.bytes_path = SQUEEZE_AVX2 && L.bits == 4 && L.w.lut.scalar_type() == at::kHalf;
+  }
+  if (rows > max_matvec_rows) {
+    const at::Tensor x32 = x2d.to(at::kFloat).contiguous();
+    for (size_t i = 0; i < count; ++i)
+      lut_gemm(x32, layers[i].w.qweight, layers[i].w.lut, layers[i].bits, in_features, layers[i].w.sparse,
+               biases.get(i), outputs[i]);
+  } else if (rows > 0) {
+    const at::Tensor xp = padded_input(x2d, in_features);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows)
+      lut_matvec(xp, layers, in_features, r0, std::min<int64_t>(kMaxRows, rows - r0));
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  for (size_t i = 0; i < count; ++i) {
+    shape.back() = layers[i].out;
+    outputs[i] = outputs[i].view(shape).to(x.scalar_type());
+  }
+  return outputs;
+}
+
 at::Tensor lut_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut, int64_t bits,
                           int64_t in_features, const c10::optional<at::Tensor>& sparse_rows,
                           const c10::optional<at::Tensor>& sparse_cols, const c10::optional<at::Tensor>& sparse_vals,
                           const c10::optional<at::Tensor>& bias, int64_t max_matvec_rows) {
-  const Weights w = prepare(qweight, lut, bits, in_features, sparse_rows, sparse_cols, sparse_vals);
-  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()), "x must be a floating CPU tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x has ", x.size(-1), " features, expected ", in_features);
-  const int64_t out = qweight.size(1);
-  TORCH_CHECK(!bias.has_value() || bias->numel() == out, "bias must have ", out, " entries");
-  const at::Tensor x2d = x.reshape({-1, in_features});
-  const int64_t rows = x2d.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
-  if (rows > max_matvec_rows) {
-    lut_gemm(x2d.to(at::kFloat).contiguous(), w.qweight, w.lut, static_cast<int>(bits), in_features, w.sparse, bias, y);
-  } else if (rows > 0) {
-    const at::Tensor xp = padded_input(x2d, in_features);
-    const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows)
-      lut_matvec(xp, w.lut, w.qweight, static_cast<int>(bits), in_features, w.sparse,
-                 b32.defined() ? b32.data_ptr<float>() : nullptr, y, r0, std::min<int64_t>(kMaxRows, rows - r0));
-  }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out;
-  return y.view(shape).to(x.scalar_type());
+  const auto one = [](const c10::optional<at::Tensor>& t) { return c10::List<c10::optional<at::Tensor>>({t}); };
+  return lut_matmul_many_cpu(x, {qweight}, {lut}, {bits}, in_features, one(sparse_rows), one(sparse_cols),
+                             one(sparse_vals), one(bias), max_matvec_rows)[0];
 }
 
 bool has_avx2() { return SQUEEZE_AVX2; }
@@ -258,6 +317,9 @@ TORCH_LIBRARY_FRAGMENT(squeeze, m) {
   m.def("lut_matmul_cpu(Tensor x, Tensor qweight, Tensor lookup_table, int bits, int in_features, "
         "Tensor? sparse_rows, Tensor? sparse_cols, Tensor? sparse_vals, Tensor? bias, "
         "int max_matvec_rows=8) -> Tensor");
+  m.def("lut_matmul_many_cpu(Tensor x, Tensor[] qweights, Tensor[] lookup_tables, int[] bits, int in_features, "
+        "Tensor?[] sparse_rows, Tensor?[] sparse_cols, Tensor?[] sparse_vals, Tensor?[] biases, "
+        "int max_matvec_rows=8) -> Tensor[]");
   m.def("dequantize_cpu(Tensor qweight, Tensor lookup_table, int bits, int in_features, "
         "Tensor? sparse_rows, Tensor? sparse_cols, Tensor? sparse_vals) -> Tensor");
   m.def("cpu_kernel_simd() -> bool", [] { return has_avx2(); });
@@ -265,5 +327,6 @@ TORCH_LIBRARY_FRAGMENT(squeeze, m) {
 
 TORCH_LIBRARY_IMPL(squeeze, CPU, m) {
   m.impl("lut_matmul_cpu", &lut_matmul_cpu);
+  m.impl("lut_matmul_many_cpu", &lut_matmul_many_cpu);
   m.impl("dequantize_cpu", &dequantize_cpu);
 }
