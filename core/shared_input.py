@@ -31,6 +31,8 @@ class SharedInputGroup:
         self._pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
 
     def output(self, layer: SqueezeLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():  # a traced graph must not depend on which call came first
+            return None
         pending = self._pending  # read once: another thread may replace it
         if pending is not None and pending[0] is x:
             y = pending[1].pop(id(layer), None)

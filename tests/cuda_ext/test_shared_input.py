@@ -88,3 +88,18 @@ def test_a_loaded_folder_is_linked(cpu, tmp_path, demo_tokenizer):
     run_to_end(save_quantized(model, demo_tokenizer, tmp_path / "q", {}))
     attn = load_quantized(tmp_path / "q").model.model.layers[1].self_attn
     assert attn.v_proj.shared_input is attn.q_proj.shared_input is not None
+
+
+def test_a_compiled_model_computes_each_layer_alone(cpu):
+    model = build_tiny_model("llama")
+    run_to_end(quantize_model(model, QuantConfig(bits=4)))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 64)
+
+    def qkv(inputs):
+        return torch.cat([attn.q_proj(inputs), attn.k_proj(inputs), attn.v_proj(inputs)], -1)
+
+    with torch.inference_mode():
+        expected = qkv(x)
+        compiled = torch.compile(qkv, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), expected)
