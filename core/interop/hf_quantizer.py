@@ -59,6 +59,10 @@ class SqueezeLLMHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        """Link sibling layers that read the same input (q/k/v, gate/up) to run as one kernel call."""
+        from core.shared_input import link_shared_inputs
+
+        link_shared_inputs(model)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:  # 4.x passes safe_serialization
