@@ -77,14 +77,10 @@ def run_row(name: str, family: str, config: QuantConfig | None, weighted: bool, 
             from bench.original import quantize_like_original
 
             thresholds, _ = run_to_end(outlier_thresholds(quantizable_linears(loaded.model), config))
-            quantize_like_original(loaded.model, config.bits, fisher, thresholds, config.sensitivity_percent)
-            nnz = None
+            nnz = quantize_like_original(loaded.model, config.bits, fisher, thresholds, config.sensitivity_percent)
         row["quantize_seconds"] = time.perf_counter() - t0
-        if nnz is not None:
-            row["sparse_percent"] = 100 * nnz / sum(o * i for o, i in shapes)
-            row["bits_paper"] = paper_bits(shapes, config.bits, nnz, config.method)
-        else:
-            row["bits_paper"] = None
+        row["sparse_percent"] = 100 * nnz / sum(o * i for o, i in shapes)
+        row["bits_paper"] = paper_bits(shapes, config.bits, nnz, config.method)
     result = run_to_end(perplexity(loaded.model, windows, batch_size=4))
     row["perplexity"] = result.perplexity
     print(json.dumps(row), flush=True)
@@ -120,7 +116,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| setting | bits per weight (paper convention) | bits per weight (as stored) | sparse % | perplexity "
              "| vs fp32 | vs original method | issue's original, vs its fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        bp = f"{r['bits_paper']:.2f}" if r.get("bits_paper") else "same as ours"
+        bp = f"{r['bits_paper']:.2f}"
         bs = f"{r['bits_stored']:.2f}" if not r["name"].startswith("original") else "-"
         rel = f"{r['perplexity'] / base:.3f}x" if base else "-"
         twin = by_name.get(original_of(r["name"]) or "")

@@ -54,8 +54,9 @@ def original_split(w: torch.Tensor, f: torch.Tensor | None, threshold: float | N
 
 def quantize_like_original(model: torch.nn.Module, bits: int, fisher: dict[str, torch.Tensor] | None,
                            thresholds: dict[str, float | None], sensitivity_percent: float,
-                           workers: int = 2, chunk_rows: int = 256) -> None:
-    """Replace each quantizable weight of ``model`` by the original method's reconstruction, in place."""
+                           workers: int = 2, chunk_rows: int = 256) -> int:
+    """Replace each quantizable weight of ``model`` by the original method's reconstruction, in place;
+    returns the number of sparse (exactly kept) entries."""
     from core.models import quantizable_linears
 
     linears = quantizable_linears(model)
@@ -75,3 +76,4 @@ def quantize_like_original(model: torch.nn.Module, bits: int, fisher: dict[str, 
             rows = [next(pieces) for _ in range(0, w.shape[0], chunk_rows)]
             deq = torch.from_numpy(np.concatenate(rows))
             lin.weight.data.copy_(torch.where(mask, w, deq).to(lin.weight.dtype))
+    return sum(int(mask.sum()) for *_, mask in plan)
