@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bench.report import machine_line, update_section
+from core.kmeans import DEFAULT_RESTARTS
 
 SETTINGS = dict(init="k-means++", n_init=1, max_iter=50, random_state=0)
 
@@ -137,14 +138,14 @@ def table(results: list[dict], samples: int, workers: int) -> str:
         "scikit-learn's on the same rows (below 1 = better than the original). scikit-learn: "
         "`KMeans(K, init='k-means++', n_init=1, max_iter=50, random_state=0)` per row, OMP_NUM_THREADS=1, "
         f"{workers} worker processes, on an even subsample of each matrix's rows, its times scaled to all rows. "
-        f"Ours: `weighted_kmeans_1d(W, F, K)` per matrix with its defaults (greedy k-means++ with 2 seedings "
-        f"per row, Lloyd to convergence), {workers} matrices at a time in threads with one torch thread each; "
+        f"Ours: `weighted_kmeans_1d(W, F, K)` per matrix with its defaults (greedy k-means++ with "
+        f"{DEFAULT_RESTARTS} seedings per row, the best kept; Lloyd to convergence or 50 steps), {workers} matrices at a time in threads with one torch thread each; "
         "path cpu-ext = the compiled C++ op (cuda_ext/csrc/cpu_kmeans.cpp, rows one after another within a "
         "matrix), torch = the vectorised torch code (`SQUEEZE_KERNELS=torch`). "
         f"Seconds are wall-clock; CPU-time speed-up compares summed CPU seconds. Load average (1 min) over the "
-        f"runs: {loads} (other jobs shared the machine). On such a busy machine torch's own two threads "
-        "made the torch path many times slower (its small parallel regions wait for a descheduled thread), "
-        "hence one torch thread per worker.", "", head, *lines])
+        f"runs: {loads} (the two scikit-learn workers alone load 2 cores). On a busy machine torch's own two "
+        "threads made the torch path many times slower (its small parallel regions wait for a descheduled "
+        "thread), hence one torch thread per worker.", "", head, *lines])
 
 
 def main() -> None:
