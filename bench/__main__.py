@@ -30,6 +30,7 @@ BENCHMARKS_TO_RUN = {
             "decode/prefill tokens/s and peak memory, fp32 vs bf16 vs 4/3-bit"),
     "eval": ("bench.eval_speed", [], ["--windows", "8"], "perplexity evaluation throughput, kernel vs torch path"),
     "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
+    "scale": ("bench.memory_scale", [], ["--new-tokens", "4"], "peak memory and decode at 1.1 B parameters"),
     "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
     "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
 }
@@ -53,7 +54,8 @@ def run_one(name: str, quick: bool) -> tuple[str, float]:
 HEAD = """# Benchmarks
 
 Every number here is written by a script in `bench/`; `python -m bench` runs them all. Its last run{quick}
-wrote this head; a section it did not run keeps the date line of the run that wrote it.
+wrote this head; a benchmark it left out keeps its row, marked as from an earlier run, and its
+section keeps the date line of the run that wrote it.
 
 {machine}
 
@@ -63,14 +65,39 @@ wrote this head; a section it did not run keeps the date line of the run that wr
 """
 
 
+EARLIER = " (an earlier run)"
+
+
 def write_head(results: dict[str, tuple[str, float]], quick: bool, path: Path = BENCHMARKS) -> None:
-    """Replace everything before the first section marker of BENCHMARKS.md with a fresh head."""
-    rows = "\n".join(f"| {name} | {BENCHMARKS_TO_RUN[name][3]} | {status} | {seconds / 60:.1f} |"
-                     for name, (status, seconds) in results.items())
-    head = HEAD.format(quick=" (`--quick`: smoke-run sizes)" if quick else "", machine=machine_line(), rows=rows)
+    """Replace everything before the first section marker of BENCHMARKS.md with a fresh head.
+
+    Benchmarks this run left out keep their row from the head they were last listed in, marked as
+    from an earlier run, so the head always lists every section's last status."""
     text = path.read_text() if path.exists() else ""
     marker = text.find("<!-- ")
+    earlier = _head_rows(text[:marker] if marker >= 0 else text)
+    rows = []
+    for name in BENCHMARKS_TO_RUN:
+        if name in results:
+            status, seconds = results[name]
+            rows.append(f"| {name} | {BENCHMARKS_TO_RUN[name][3]} | {status} | {seconds / 60:.1f} |")
+        elif name in earlier:
+            status, minutes = earlier[name]
+            rows.append(f"| {name} | {BENCHMARKS_TO_RUN[name][3]} | {status.removesuffix(EARLIER)}{EARLIER} | "
+                        f"{minutes} |")
+    head = HEAD.format(quick=" (`--quick`: smoke-run sizes)" if quick else "", machine=machine_line(),
+                       rows="\n".join(rows))
     path.write_text(head + "\n" + (text[marker:] if marker >= 0 else ""))
+
+
+def _head_rows(head: str) -> dict[str, tuple[str, str]]:
+    """name -> (status, minutes) from the table of an existing head."""
+    rows = {}
+    for line in head.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in BENCHMARKS_TO_RUN:
+            rows[cells[0]] = (cells[2], cells[3])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

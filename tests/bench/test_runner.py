@@ -33,3 +33,15 @@ def test_unknown_benchmark_is_refused():
     result = subprocess.run([sys.executable, "-m", "bench", "--only", "nonsense"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_head_keeps_the_rows_of_benchmarks_left_out(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Old head\n")
+    write_head({"cpu": ("ok", 60.0), "kmeans": ("ok", 120.0)}, quick=False, path=path)
+    write_head({"kmeans": ("FAILED (exit 1; previous section kept)", 30.0)}, quick=False, path=path)
+    write_head({"kmeans": ("ok", 180.0)}, quick=False, path=path)
+    rows = [line for line in path.read_text().splitlines() if line.startswith(("| cpu ", "| kmeans "))]
+    assert rows[0].startswith("| kmeans ") and rows[0].endswith("| ok | 3.0 |")  # listed in the runner's order
+    assert rows[1].endswith("| ok (an earlier run) | 1.0 |")  # marked once, however many runs passed
+    assert len(rows) == 2
