@@ -30,7 +30,7 @@ BENCHMARKS_TO_RUN = {
             "decode/prefill tokens/s and peak memory, fp32 vs bf16 vs 4/3-bit"),
     "eval": ("bench.eval_speed", [], ["--windows", "8"], "perplexity evaluation throughput, kernel vs torch path"),
     "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
-    "scale": ("bench.memory_scale", [], ["--new-tokens", "4"], "peak memory and decode at 1.1 B parameters"),
+    "scale": ("bench.memory_scale", [], ["--new-tokens", "4", "--rounds", "1"], "peak memory and decode at 1.1 B parameters"),
     "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
     "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
 }

@@ -118,6 +118,8 @@ def prefill_seconds(model, length: int, vocab: int) -> float:
 
 def worker(spec: dict) -> dict:
     """Load one variant, measure; the peak RSS is read after load + chat decode, before prefill."""
+    if spec["kind"] == "torch":  # the floor of any torch runtime, however lean
+        return {"peak_rss": peak_rss_bytes()}
     if spec["kind"] == "runtime":  # the imports alone: what every variant pays before its weights
         import transformers  # noqa: F401
 
@@ -130,7 +132,7 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "dense":
         from core.models import load_model
 
-        loaded = load_model("demo", dtype=getattr(torch, spec["dtype"]))
+        loaded = load_model(spec.get("model", "demo"), dtype=getattr(torch, spec["dtype"]))
     else:
         from core.checkpoint import load_quantized
 
@@ -141,10 +143,12 @@ def worker(spec: dict) -> dict:
     decode_steps(model, prompt, 4)  # warm-up (first calls allocate, load the kernel library)
     steps = decode_steps(model, prompt, spec["new_tokens"])
     rss = peak_rss_bytes()
-    prefill = prefill_seconds(model, spec["prefill"], model.config.vocab_size)
     median = sorted(steps)[len(steps) // 2]
-    return {"load_s": load_s, "decode_median": 1 / median, "decode_total": len(steps) / sum(steps),
-            "prefill": spec["prefill"] / prefill, "peak_rss": rss}
+    result = {"load_s": load_s, "decode_median": 1 / median, "decode_total": len(steps) / sum(steps),
+              "peak_rss": rss}
+    if spec["prefill"]:
+        result["prefill"] = spec["prefill"] / prefill_seconds(model, spec["prefill"], model.config.vocab_size)
+    return result
 
 
 def skeleton_rss(folder: str) -> int:
@@ -207,6 +211,24 @@ def _best_us(fn, repeats: int = 7, inner: int = 20) -> float:
 # ---------------------------------------------------------------- report
 
 
+THREE_BIT = ("3-bit dense-only", "3-bit dense-and-sparse (0.45% + 0.05%)")
+
+
+def memory_floor_lines(results: dict[str, dict], torch_rss: int, skeleton: int) -> list[str]:
+    """What the 3-bit models' peak would be as a share of fp32's in a runtime that imported nothing but
+    torch and loaded no tokenizer: the same tensors and activations above a floor of ``torch_rss``."""
+    fp32_above = results["fp32 original"]["peak_rss"] - skeleton
+    shares = [(torch_rss + results[label]["peak_rss"] - skeleton) / (torch_rss + fp32_above)
+              for label in THREE_BIT if label in results]
+    if not shares:
+        return []
+    low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+    return [f"The runtime dominates at this size: even a chat program that imported nothing but torch "
+            f"({format_mib(torch_rss)}) and carried the same tensors and activations would put the 3-bit models at "
+            f"{low if low == high else low + '-' + high} of the fp32 original's peak, so 40% is out of reach for a "
+            "135 M-parameter model in any torch process; the memory at 1.1 B parameters is in the scale section."]
+
+
 def load_line() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
@@ -215,10 +237,10 @@ def format_mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def markdown(results: dict[str, dict], runtime: tuple[int, int], cross: list[tuple], args,
+def markdown(results: dict[str, dict], runtime: tuple[int, int, int], cross: list[tuple], args,
              loads: tuple[str, str]) -> str:
     base = results["fp32 original"]
-    runtime_rss, skeleton = runtime
+    torch_rss, runtime_rss, skeleton = runtime
     lines = [
         "## CPU inference: decode, prefill and memory of the demo model", "", machine_line(), "",
         f"All variants measured in one run, each in its own process, {args.rounds} interleaved rounds keeping each "
@@ -226,12 +248,13 @@ def markdown(results: dict[str, dict], runtime: tuple[int, int], cross: list[tup
         "ratios are the point). "
         f"Decode: greedy, KV cache, batch 1, {args.new_tokens} new tokens after a 9-token prompt; tok/s from the "
         f"median step (and from the total time). Prefill: one {args.prefill}-token forward, best of two. Peak RSS: "
-        f"VmHWM after loading and decoding (the chat case); the Python + torch + transformers imports alone "
-        f"take {format_mib(runtime_rss)}, and {format_mib(skeleton)} with the model's transformers code imported, "
+        f"VmHWM after loading and decoding (the chat case); `import torch` alone takes {format_mib(torch_rss)}, "
+        f"the Python + torch + transformers imports {format_mib(runtime_rss)}, and {format_mib(skeleton)} with the model's transformers code imported, "
         "its modules built without weights and its tokenizer loaded (what every variant pays besides its tensors "
         "and activations); the last column subtracts that. Quantized models are loaded from their saved folders "
         "(core.checkpoint.load_quantized, tensors memory-mapped); their token embedding and tied lm_head are "
         "stored in float16 and computed in float32 (core.half_head).", "",
+        *memory_floor_lines(results, torch_rss, skeleton), "",
         "| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS | % of fp32 | above code + tokenizer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
@@ -285,7 +308,7 @@ def main() -> None:
         specs[REFERENCE] = ({"kind": "quantized", "folder": str(folders[REFERENCE_OF]), **common},
                             {"SQUEEZE_KERNELS": "torch"})
     before = load_line()
-    runtime = (run_worker({"kind": "runtime"})["peak_rss"],
+    runtime = (run_worker({"kind": "torch"})["peak_rss"], run_worker({"kind": "runtime"})["peak_rss"],
                run_worker({"kind": "skeleton", "folder": str(folders[REFERENCE_OF])})["peak_rss"])
     results: dict[str, dict] = {}
     for round_ in range(args.rounds):
