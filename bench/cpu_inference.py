@@ -47,26 +47,36 @@ def quant_config(bits: int, dense_only: bool):
     return QuantConfig(bits=bits)
 
 
+def quantize_with_random_fisher(model: str, bits: int, dense_only: bool, folder: Path, label: str) -> None:
+    """Quantize ``model`` (a load_model spec) with a seeded random positive Fisher (speed and memory do
+    not depend on it) and save it to ``folder``."""
+    from core.checkpoint import save_quantized
+    from core.models import load_model, quantizable_linears
+    from core.progress import run_to_end
+    from core.quantize import quantize_model
+
+    print(f"quantizing {model}: {label}", flush=True)
+    loaded = load_model(model)
+    g = torch.Generator().manual_seed(0)
+    fisher = {name: torch.rand(lin.weight.shape, generator=g) + 1e-3
+              for name, lin in quantizable_linears(loaded.model).items()}
+    run_to_end(quantize_model(loaded.model, quant_config(bits, dense_only), fisher))
+    del fisher
+    run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}))
+
+
 def quantized_folders(workdir: Path) -> dict[str, Path]:
     """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused.
 
     Folders saved before quantized folders stored their embeddings in float16 are re-saved."""
     from core.checkpoint import EMBEDDINGS_DTYPE, load_quantized, read_quantization_config, save_quantized
-    from core.models import load_model, quantizable_linears
     from core.progress import run_to_end
-    from core.quantize import quantize_model
 
     folders = {}
     for label, (bits, dense_only) in QUANTIZED.items():
         folder = workdir / f"demo-{bits}bit-{'dense' if dense_only else 'sparse'}"
         if not folder.exists():
-            print(f"quantizing the demo model: {label}", flush=True)
-            loaded = load_model("demo")
-            g = torch.Generator().manual_seed(0)
-            fisher = {name: torch.rand(lin.weight.shape, generator=g) + 1e-3
-                      for name, lin in quantizable_linears(loaded.model).items()}
-            run_to_end(quantize_model(loaded.model, quant_config(bits, dense_only), fisher))
-            run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}))
+            quantize_with_random_fisher("demo", bits, dense_only, folder, label)
         elif EMBEDDINGS_DTYPE not in read_quantization_config(folder):
             print(f"re-saving {folder} with float16 embeddings", flush=True)
             loaded = load_quantized(folder)

@@ -124,7 +124,8 @@ def main() -> None:
         f"all it can skip is the gradient of the head/embedding weight, {1 - our_flops / plain_flops:.1%} of the plain "
         f"pass's matmul FLOPs (a {flop_bound(model, linears, 512):.3f}x bound from FLOPs alone, bench.fisher.flop_bound; what "
         "ours gains beyond that is the plain pass's gradient bookkeeping: allocating, zeroing and scattering into "
-        "every parameter's gradient, the 113 MB embedding's included). Faster than that "
+        f"every parameter's gradient, the {model.get_input_embeddings().weight.numel() * 4 / 1e6:.0f} MB embedding's "
+        "included). Faster than that "
         "needs lower precision, which changes the result beyond float noise.", "",
         f"How fast the FLOPs run leaves no more: the plain pass computes {plain_flops / 1e9:.0f} GFLOP per window at "
         f"{plain_flops / per_window['plain'] / 1e9:.0f} GFLOP/s, ours {our_flops / 1e9:.0f} GFLOP at "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cpu_inference import format_mib, load_line, quant_config, run_worker
+from bench.cpu_inference import format_mib, load_line, quantize_with_random_fisher, run_worker
 from bench.report import machine_line, update_section
 
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -51,23 +51,12 @@ def fp32_folder(workdir: Path) -> Path:
 
 
 def quantized_folders(workdir: Path, source: Path) -> dict[str, Path]:
-    from core.checkpoint import save_quantized
-    from core.models import load_model, quantizable_linears
-    from core.progress import run_to_end
-    from core.quantize import quantize_model
-
+    """label -> quantized 1.1 B folder, made once and reused."""
     folders = {}
     for label, (bits, dense_only) in QUANTIZED.items():
         folder = workdir / f"llama-1.1b-random-{bits}bit-{'dense' if dense_only else 'sparse'}"
         if not folder.exists():
-            print(f"quantizing the 1.1 B LLaMA: {label}", flush=True)
-            loaded = load_model(str(source))
-            g = torch.Generator().manual_seed(0)
-            fisher = {name: torch.rand(lin.weight.shape, generator=g) + 1e-3
-                      for name, lin in quantizable_linears(loaded.model).items()}
-            run_to_end(quantize_model(loaded.model, quant_config(bits, dense_only), fisher))
-            del fisher
-            run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}))
+            quantize_with_random_fisher(str(source), bits, dense_only, folder, label)
         folders[label] = folder
     return folders
 
