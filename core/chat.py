@@ -167,8 +167,20 @@ def _forward(model, ids: torch.Tensor, past, total_len: int):
 
 
 def _context_limit(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
+    from core.data import model_context_length
+
+    return model_context_length(getattr(model, "config", None))
+
+
+def _too_long(tokenizer, session: ChatSession, user_text: str, tokens: int, limit: int) -> str:
+    """The advice for a prompt of ``tokens`` >= ``limit``: /reset helps only when there is history."""
+    if session.history:
+        alone = len(prompt_ids(tokenizer, ChatSession(session.system_prompt).messages(user_text)))
+        if alone < limit:
+            return (f"the conversation is {tokens} tokens, the model's context is {limit}: start a new "
+                    "conversation (/reset) or send a shorter message")
+    return (f"this message is {tokens} tokens with the system prompt, the model's context is {limit}: "
+            "send a shorter message (or a shorter system prompt)")
 
 
 def stream_reply(model, tokenizer, session: ChatSession, user_text: str, config: ChatConfig,
@@ -184,8 +196,7 @@ def stream_reply(model, tokenizer, session: ChatSession, user_text: str, config:
     ids = prompt_ids(tokenizer, session.messages(user_text))
     limit = _context_limit(model)
     if limit is not None and len(ids) >= limit:
-        raise UserError(f"the conversation is {len(ids)} tokens, the model's context is {limit}: "
-                        "start a new conversation (/reset) or send a shorter message")
+        raise UserError(_too_long(tokenizer, session, user_text, len(ids), limit))
     device = next(model.parameters()).device
     ends = end_token_ids(model, tokenizer)
     sampler = _Sampler(config, ids, device, seed)

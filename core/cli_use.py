@@ -41,13 +41,15 @@ def configure_chat(p: argparse.ArgumentParser) -> None:
 
     d = ChatConfig()
     p.add_argument("model", metavar="MODEL_OR_DIR", help="demo, an HF folder, a .gguf file or a quantized folder")
-    p.add_argument("--system", default=d.system_prompt, help="system prompt")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 is greedy (default %(default)s)")
+    p.add_argument("--system", default=d.system_prompt,
+                   help="system prompt (default: %s)" % (repr(d.system_prompt) if d.system_prompt else "none"))
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="0 is greedy: always the most likely token (default %(default)s)")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest answer (default %(default)s)")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                   help="above 1 discourages repeats (default %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+                   help="1 is off, above 1 discourages repeats (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
 
 
 CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit; Ctrl-C stops an answer"
@@ -56,6 +58,7 @@ CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system p
 def run_chat(args: argparse.Namespace) -> int:
     from core.chat import ChatSession
     from core.config import ChatConfig
+    from core.errors import UserError
     from core.models import load_model
 
     config = ChatConfig(system_prompt=args.system, temperature=args.temperature, top_p=args.top_p,
@@ -86,7 +89,12 @@ def run_chat(args: argparse.Namespace) -> int:
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
-        _answer(loaded, session, text, config, args.seed)
+        try:
+            _answer(loaded, session, text, config, args.seed)
+        except UserError as exc:
+            # A problem with this one message (too long for the context...): say so and read the next
+            # line; the session and its history stay as they were.
+            print(f"squeeze: {exc}", file=sys.stderr)
 
 
 def _answer(loaded, session, text: str, config, seed: int | None) -> None:

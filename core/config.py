@@ -165,8 +165,11 @@ class ChatConfig:
         min=0.01, max=1.0, step=0.01))
     max_new_tokens: int = field(default=256, metadata=_hint(
         "Max new tokens", "Longest answer, in tokens.", min=1, max=8192))
-    repetition_penalty: float = field(default=1.1, metadata=_hint(
-        "Repetition penalty", "Above 1 discourages repeating earlier tokens.", min=1.0, max=2.0, step=0.01))
+    # 1.0 (off) by default: greedy decoding must give the model's own most likely answer; a penalty
+    # changed the demo's "Paris" into a ramble. Users who want one ask for it.
+    repetition_penalty: float = field(default=1.0, metadata=_hint(
+        "Repetition penalty", "1 is off; above 1 discourages repeating earlier tokens.", min=1.0, max=2.0,
+        step=0.01))
 
     def __post_init__(self) -> None:
         _check_range("temperature", self.temperature, 0.0, 2.0, "use 0 for greedy or e.g. 0.7")

@@ -275,3 +275,41 @@ def _check_sizes(count: int, seqlen: int) -> None:
     if count < 1 or seqlen < 2:
         raise UserError(f"windows need a count of at least 1 and a length of at least 2 tokens "
                         f"(got {count} windows of {seqlen})")
+
+
+# Names configs use for the longest sequence the model was trained on (first match wins), checked on
+# the config and on its text part (a multimodal config nests the language model's).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length",
+                "n_ctx", "max_seq_length")
+
+
+def model_context_length(model_config) -> int | None:
+    """The model's context in tokens, from a transformers config (object or dict); None when it says none.
+
+    Looks for the usual names (``CONTEXT_KEYS``) on the config and then on its text config.
+    """
+    if model_config is None:
+        return None
+    configs = [model_config]
+    text = model_config.get("text_config") if isinstance(model_config, dict) else getattr(model_config,
+                                                                                          "text_config", None)
+    if text is not None and text is not model_config:
+        configs.append(text)
+    for config in configs:
+        for key in CONTEXT_KEYS:
+            value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_window_fits(model_config, seqlen: int) -> None:
+    """UserError when windows of ``seqlen`` tokens are longer than the model's context.
+
+    model_config: a transformers config (object or dict, e.g. ``model.config``). A config that states
+    no context lets every length through. Call it before the long work (calibration, evaluation).
+    """
+    context = model_context_length(model_config)
+    if context is not None and seqlen > context:
+        raise UserError(f"windows of {seqlen} tokens are longer than the model's context of {context} tokens: "
+                        f"use --seqlen {context} or less (e.g. 512)")

@@ -107,6 +107,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, *,
         raise UserError(f"evaluation windows have shape {tuple(windows.shape)}: need at least one window "
                         "of at least 2 tokens (use a longer text or fewer/shorter windows)")
     n, seqlen = windows.shape
+    from core.data import check_window_fits
+
+    check_window_fits(getattr(model, "config", None), seqlen)  # longer windows give meaningless numbers
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -232,6 +235,7 @@ def compare(specs: list[str], config: EvalConfig) -> Generator[ProgressEvent, No
     The text is tokenized once with the first model's tokenizer; a model whose tokenizer differs is
     refused. Each model is freed before the next is loaded. Events carry the model's name.
     """
+    from core.data import check_window_fits
     from core.models import load_model
 
     if not specs:
@@ -241,6 +245,7 @@ def compare(specs: list[str], config: EvalConfig) -> Generator[ProgressEvent, No
     for i, spec in enumerate(specs):
         yield ProgressEvent("load", i, len(specs), f"loading {spec}")
         loaded = load_model(spec)  # an original model or a quantized folder
+        check_window_fits(loaded.model.config, config.seqlen)  # before tokenizing, not after
         if first_tokenizer is None:
             first_tokenizer = loaded.tokenizer
             windows = yield from _windows_for(first_tokenizer, config)
