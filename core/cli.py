@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``squeeze`` console script. Returns the exit code."""
     from core.cli_commands import COMMANDS
-    from core.errors import UserError
+    from core.errors import UserError, describe_memory_error
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as exc:
         print(f"squeeze: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except MemoryError:
-        print("squeeze: error: out of memory: use fewer samples, shorter windows or a smaller model",
-              file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        message = describe_memory_error(exc)
+        if message is None:
+            raise  # a bug: the traceback is what helps
+        print(f"squeeze: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -5,6 +5,8 @@ line prints it as one line and exits with code 2; the studio shows it in a dialo
 Anything else that escapes is a bug and is reported with a traceback in the log.
 """
 
+import sys
+
 
 class UserError(Exception):
     """A problem with the user's input (path, file, setting, memory) and how to fix it."""
@@ -12,3 +14,46 @@ class UserError(Exception):
 
 class UnsupportedModelError(UserError):
     """The model has no decoder blocks with plain ``nn.Linear`` projections we can quantize."""
+
+
+# Phrases of the allocators' errors: torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"),
+# CUDA/HIP/MPS ("CUDA out of memory", "HIP out of memory", "MPS backend out of memory"), the C library.
+_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+_DEVICE_MARKERS = ("cuda", "gpu", "hip", "mps", "cublas", "cudnn", "device memory")
+
+CPU_MEMORY_ADVICE = ("out of CPU memory (RAM): use fewer or shorter windows (samples, windows, sequence "
+                     "length) or a smaller model, or close other programs")
+GPU_MEMORY_ADVICE = ("out of GPU memory: use fewer or shorter windows (samples, windows, sequence length, "
+                     "batch size) or a smaller model, close other programs using the GPU, or run on the CPU "
+                     "(device cpu)")
+
+
+def describe_memory_error(exc: BaseException) -> str | None:
+    """One line saying what ran out (CPU or GPU memory) and what to change; None if ``exc`` is not that.
+
+    Recognises ``MemoryError``, ``torch.OutOfMemoryError`` and the ``RuntimeError``s torch raises
+    when an allocation fails, also when they are the cause of another exception (``raise ... from``).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        message = _memory_message(exc)
+        if message is not None:
+            return message
+        exc = exc.__cause__  # not __context__: an error raised while handling another is its own problem
+    return None
+
+
+def _memory_message(exc: BaseException) -> str | None:
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError):
+        return CPU_MEMORY_ADVICE
+    torch = sys.modules.get("torch")  # never imported here: errors.py stays cheap to import
+    out_of_memory = getattr(torch, "OutOfMemoryError", None)
+    if out_of_memory is not None and isinstance(exc, out_of_memory):
+        return GPU_MEMORY_ADVICE  # torch raises it for accelerators; the CPU allocator raises RuntimeError
+    if isinstance(exc, RuntimeError) and any(m in text for m in _MEMORY_MARKERS):
+        if "defaultcpuallocator" in text or not any(m in text for m in _DEVICE_MARKERS):
+            return CPU_MEMORY_ADVICE
+        return GPU_MEMORY_ADVICE
+    return None

@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import EvalConfig
-from core.errors import UserError
+from core.errors import UserError, describe_memory_error
 from core.progress import ProgressEvent
 from core.units import format_bytes
-
-_OOM_MARKERS = ("out of memory", "can't allocate", "cannot allocate")
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,8 @@ class CompareRow:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA OOM and for the CPU allocator's "can't allocate" errors."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+    """True for CUDA OOM and for the CPU allocator's "can't allocate" errors (core.errors decides)."""
+    return describe_memory_error(exc) is not None
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from core.errors import UnsupportedModelError, UserError
+from core.errors import UnsupportedModelError, UserError, describe_memory_error
 from core.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -195,9 +195,9 @@ def _check_architecture(folder: Path, config: dict) -> None:
 
 
 def _load_error(where: Path, exc: BaseException) -> UserError:
-    if isinstance(exc, MemoryError):
-        return UserError(f"{where}: not enough memory to load this model: close other programs or pick a "
-                         "smaller model")
+    memory = describe_memory_error(exc)  # an allocation failing while loading is not a corrupt file
+    if memory is not None:
+        return UserError(f"{where}: not enough memory to load this model: {memory}")
     return UserError(f"{where} could not be loaded ({type(exc).__name__}: {_first_line(exc)}): the weights "
                      "are corrupt, truncated or in a foreign format; download or save the model again")
 
@@ -219,6 +219,8 @@ def _load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     try:
         model, tokenizer = _load_gguf(path)
     except Exception as exc:
+        if describe_memory_error(exc) is not None:
+            raise _load_error(path, exc) from exc
         raise UserError(f"{path}: this GGUF file does not load ({type(exc).__name__}: {_first_line(exc)}): "
                         "it is truncated, or its architecture or quantization type is not supported by "
                         "transformers' GGUF reader; try the model's safetensors folder instead") from exc

@@ -14,12 +14,8 @@ import traceback
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import QMessageBox, QWidget
 
-from core.errors import UserError
+from core.errors import UserError, describe_memory_error
 from studio import storage
-
-OUT_OF_MEMORY_HINT = ("Not enough memory for this step: close other programs, pick a smaller model, "
-                      "or use fewer / shorter windows.")
-
 
 def log_exception(exc: BaseException, action: str) -> str:
     """Append the traceback of ``exc`` to the studio log; returns the log's path."""
@@ -31,21 +27,14 @@ def log_exception(exc: BaseException, action: str) -> str:
     return str(path)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    from core.evaluate import is_out_of_memory
-
-    return is_out_of_memory(exc)
-
-
 def user_message(exc: BaseException, action: str) -> str:
     """What the user reads about ``exc``; unexpected errors are logged with their traceback."""
     if isinstance(exc, UserError):
         return str(exc)
-    if _is_out_of_memory(exc):
+    memory = describe_memory_error(exc)  # the same line the command line prints
+    if memory is not None:
         log_exception(exc, action)
-        return f"{OUT_OF_MEMORY_HINT}\n\n({type(exc).__name__} while {action})"
+        return f"{memory[0].upper()}{memory[1:]}.\n\n({type(exc).__name__} while {action})"
     path = log_exception(exc, action)
     return (f"Unexpected error while {action}: {type(exc).__name__}: {exc}\n\n"
             f"This is a bug in Squeeze Studio, not in your input. The full details were written to {path}.")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, describe_memory_error
 from core.layers import SqueezeLinear
 from core.packing import GROUP, csr_row_indices
 from core.progress import ProgressEvent
@@ -65,6 +65,9 @@ def _unpickler_detail(exc: BaseException) -> str:
 
 
 def _unreadable(ckpt: Path, exc: BaseException) -> UserError:
+    memory = describe_memory_error(exc)  # a failed allocation is not a damaged file
+    if memory is not None:
+        return UserError(f"{ckpt}: not enough memory to read this checkpoint: {memory}")
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
     return UserError(f"{ckpt} is not a readable PyTorch checkpoint ({type(exc).__name__}: {detail[:200]}): "
