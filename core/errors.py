@@ -5,6 +5,7 @@ line prints it as one line and exits with code 2; the studio shows it in a dialo
 Anything else that escapes is a bug and is reported with a traceback in the log.
 """
 
+import re
 import sys
 
 
@@ -57,3 +58,36 @@ def _memory_message(exc: BaseException) -> str | None:
             return CPU_MEMORY_ADVICE
         return GPU_MEMORY_ADVICE
     return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Sentences of torch's weights-only refusal that tell the reader to turn the safety check off or to
+# allowlist the code the file wants to run: a message of ours never passes that advice on.
+_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|if you trust|only if you got|can still be loaded|"
+                            r"arbitrary code|documentation of torch\.load", re.I)
+
+
+def quote_error(exc: BaseException, limit: int = 300) -> str:
+    """The part of ``exc``'s message worth quoting inside a UserError: one line, at most ``limit`` chars.
+
+    Terminal colour codes are dropped, and so is any advice to load with ``weights_only=False`` or to
+    allowlist a pickled global (torch's refusal quotes it): for such a refusal the line naming the
+    global the file wanted to run is kept instead.
+    """
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "unsupported global" in line.lower():
+            return line.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")[:limit]
+    kept = []
+    for line in lines:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", line) if s and not _UNSAFE_ADVICE.search(s)]
+        if sentences:
+            kept.append(" ".join(sentences))
+    return kept[0][:limit] if kept else type(exc).__name__
+
+
+def is_pickle_refusal(exc: BaseException) -> bool:
+    """True when ``exc`` is torch refusing (weights_only) to unpickle code a checkpoint asks for."""
+    text = str(exc)
+    return type(exc).__name__ == "UnpicklingError" and ("Weights only load failed" in text or "global" in text.lower())

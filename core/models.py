@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from core.errors import UnsupportedModelError, UserError, describe_memory_error
+from core.errors import (UnsupportedModelError, UserError, describe_memory_error, is_pickle_refusal,
+                         quote_error)
 from core.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -192,19 +193,50 @@ def _check_architecture(folder: Path, config: dict) -> None:
         raise UserError(f"{folder}: transformers {transformers.__version__} does not know the architecture "
                         f"{model_type!r}: upgrade transformers (pip install -U transformers) or pick a "
                         "LLaMA, Mistral, Qwen2 or OPT model")
+    problem = _not_causal_lm(config)
+    if problem:
+        raise UnsupportedModelError(f"{folder}: {problem}, so it is not a causal language model; only decoder-only "
+                                    "causal LMs can be quantized: pick one (LLaMA, Mistral, Qwen2, OPT...)")
+
+
+def _not_causal_lm(config: dict) -> str | None:
+    """Why the config.json ``config`` is not a causal LM (None when it is), decided before any weight loads.
+
+    The saved ``architectures`` say what the weights are (``BertModel``, ``BertForMaskedLM``...); without
+    them the model type must have a causal-LM class, and families that have one only as an option of an
+    encoder (BERT, RoBERTa...: they also have a masked-LM head) must say ``is_decoder``.
+    """
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    model_type = config.get("model_type")
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ([v] if isinstance(v, str) else v)}
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if architectures:
+        if any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            return None
+        return f"its weights are a {', '.join(architectures)}"
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"a {model_type!r} model has no causal-LM head"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder"):
+        return f"a {model_type!r} model is an encoder (is_decoder is not set)"
+    return None
 
 
 def _load_error(where: Path, exc: BaseException) -> UserError:
     memory = describe_memory_error(exc)  # an allocation failing while loading is not a corrupt file
     if memory is not None:
         return UserError(f"{where}: not enough memory to load this model: {memory}")
+    if is_pickle_refusal(exc):
+        return UserError(f"{where}: its pickled weights (.bin) ask to run code to load ({quote_error(exc)}), and "
+                         "Squeeze Studio never runs code from a weights file: use the model's .safetensors "
+                         "weights instead (download them, or ask the model's publisher for them)")
     return UserError(f"{where} could not be loaded ({type(exc).__name__}: {_first_line(exc)}): the weights "
                      "are corrupt, truncated or in a foreign format; download or save the model again")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return quote_error(exc, 300)  # one line, never torch's advice to turn weights_only off
 
 
 def _load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, quote_error
 
 
 @dataclass
@@ -44,7 +44,7 @@ class BaseSource:
                 return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         except ValueError as exc:
             raise UserError(f"{self.where or 'the checkpoint folder'}: its config.json does not describe a "
-                            f"causal language model ({str(exc).splitlines()[0][:200]}): give the original "
+                            f"causal language model ({quote_error(exc, 200)}): give the original "
                             "model with --base") from exc
 
     def fill_dense(self, model: nn.Module, dense: dict[str, torch.Tensor]) -> int:
@@ -115,7 +115,7 @@ def _folder_source(folder: Path, where: str | None) -> BaseSource:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # tokenizers fail in many ways (missing files, sentencepiece absent)
-        raise UserError(f"{folder}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}): copy "
+        raise UserError(f"{folder}: its tokenizer does not load ({type(exc).__name__}: {quote_error(exc, 200)}): copy "
                         "tokenizer.json and tokenizer_config.json of the original model into it") from exc
     return BaseSource(config, tokenizer, lambda names: _read_safetensors(folder, names), where)
 

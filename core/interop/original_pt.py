@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import UserError, describe_memory_error
+from core.errors import UserError, describe_memory_error, quote_error
 from core.layers import SqueezeLinear
 from core.packing import GROUP, csr_row_indices
 from core.progress import ProgressEvent
@@ -60,17 +60,16 @@ def read_original_state(ckpt: Path) -> dict[str, torch.Tensor | int]:
 
 
 def _unpickler_detail(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if "global" in line.lower()]
-    return (lines[0] if lines else str(exc).splitlines()[0]).split(" was not")[0][:200]
+    return quote_error(exc, 200)  # the global it wants, never torch's advice to turn the check off
 
 
 def _unreadable(ckpt: Path, exc: BaseException) -> UserError:
     memory = describe_memory_error(exc)  # a failed allocation is not a damaged file
     if memory is not None:
         return UserError(f"{ckpt}: not enough memory to read this checkpoint: {memory}")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "")
-    return UserError(f"{ckpt} is not a readable PyTorch checkpoint ({type(exc).__name__}: {detail[:200]}): "
+    lines = [line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()]
+    detail = quote_error(RuntimeError(lines[0]) if lines else exc, 200)
+    return UserError(f"{ckpt} is not a readable PyTorch checkpoint ({type(exc).__name__}: {detail}): "
                      "the file is truncated, corrupt or not a .pt file; download it again")
 
 
