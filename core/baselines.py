@@ -145,23 +145,27 @@ class GroupQuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-def quantize_rtn(model: nn.Module, bits: int, group_size: int | None) -> Generator[ProgressEvent, None, None]:
-    """Replace every quantizable linear of ``model`` in place by its round-to-nearest version.
+def rtn_module(linear: nn.Linear, bits: int, group_size: int | None) -> nn.Module:
+    """The round-to-nearest replacement of ``linear`` (on the CPU).
 
     group_size None: per output channel (a ``SqueezeLinear`` whose LUT is the uniform grid);
-    otherwise ``GroupQuantLinear`` with groups of ``group_size`` inputs. Yields once per matrix.
+    otherwise ``GroupQuantLinear`` with groups of ``group_size`` inputs.
     """
     from core.layers import SqueezeLinear
+
+    if group_size is None:
+        codes, lut = rtn_per_channel(linear.weight, bits)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return SqueezeLinear.from_parts(codes.cpu(), lut.cpu(), bits, bias=bias.cpu() if bias is not None else None)
+    return GroupQuantLinear.from_linear(linear, bits, group_size).cpu()
+
+
+def quantize_rtn(model: nn.Module, bits: int, group_size: int | None) -> Generator[ProgressEvent, None, None]:
+    """Replace every quantizable linear of ``model`` in place by ``rtn_module``. Yields once per matrix."""
     from core.models import quantizable_linears
 
     linears = quantizable_linears(model)
     kind = "per channel" if group_size is None else f"groups of {group_size}"
     for i, (name, linear) in enumerate(linears.items()):
-        if group_size is None:
-            codes, lut = rtn_per_channel(linear.weight, bits)
-            bias = linear.bias.detach() if linear.bias is not None else None
-            module = SqueezeLinear.from_parts(codes, lut, bits, bias=bias)
-        else:
-            module = GroupQuantLinear.from_linear(linear, bits, group_size)
-        model.set_submodule(name, module.to(linear.weight.device))
+        model.set_submodule(name, rtn_module(linear, bits, group_size).to(linear.weight.device))
         yield ProgressEvent("quantize", i + 1, len(linears), f"round-to-nearest {bits}-bit ({kind}): {name}")

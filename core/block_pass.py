@@ -152,21 +152,21 @@ class BlockMajorPass:
                                 f"loss {float(loss.detach()):.3f}")
         return grads
 
-    def backward_block(self, index: int, grads: list[torch.Tensor], need_input_grad: bool = True
+    def backward_block(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool = True
                        ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        """Fisher of block ``index``'s projections and the gradients handed to the block below.
+        """Fisher of loaded block ``index``'s projections and the gradients handed to the block below.
 
-        grads: dL_n/d(output of the block) per window. Returns (name -> float32 [out, in] on the CPU,
-        dL_n/d(input of the block) per window; empty when ``need_input_grad`` is False).
+        grads: dL_n/d(output of the block) per window. Returns (name -> float32 [out, in] on the
+        block's device, dL_n/d(input of the block) per window on the CPU; empty when
+        ``need_input_grad`` is False). The block's weights are left without gradients.
         """
-        block = self.lazy.load_block(index, self.device)
         linears = block_linears(self.lazy, index)
+        fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=self.device)
+                  for name, lin in linears.items()}
+        below = []
         try:
             for lin in linears.values():
                 lin.weight.requires_grad_(True)
-            fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=self.device)
-                      for name, lin in linears.items()}
-            below = []
             for n in range(self.n_windows):
                 hidden = self.store.get(f"h{index}-{n}").to(self.device).requires_grad_(need_input_grad)
                 with torch.enable_grad():
@@ -177,8 +177,10 @@ class BlockMajorPass:
                     lin.weight.grad = None
                 if need_input_grad:
                     below.append(hidden.grad.detach().cpu())
-            for n in range(self.n_windows):
-                self.store.drop(f"h{index}-{n}")  # the block below reads its own input
-            return {name: f.cpu() for name, f in fisher.items()}, below
         finally:
-            self.lazy.release(block)
+            for lin in linears.values():
+                lin.weight.grad = None
+                lin.weight.requires_grad_(False)
+        for n in range(self.n_windows):
+            self.store.drop(f"h{index}-{n}")  # the block below reads its own input
+        return fisher, below

@@ -32,6 +32,7 @@ QUANT_METHOD = "squeezellm"
 EMBEDDINGS_DTYPE = "embeddings_dtype"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded folder (large models)
 
 
 def module_layout(model: torch.nn.Module) -> dict[str, dict]:
@@ -185,13 +186,42 @@ def read_quantization_config(folder: str | os.PathLike) -> dict:
 def build_quantized_module(info: dict) -> torch.nn.Module:
     """An empty module (meta tensors) of the type and sizes ``info`` (from ``layout()``) describes."""
     kind = info.get("type", "squeeze")
-    if kind == "squeeze":
-        return SqueezeLinear.from_layout(info)
-    if kind == "group":
-        from core.baselines import GroupQuantLinear
+    try:
+        if kind == "squeeze":
+            return SqueezeLinear.from_layout(info)
+        if kind == "group":
+            from core.baselines import GroupQuantLinear
 
-        return GroupQuantLinear.from_layout(info)
+            return GroupQuantLinear.from_layout(info)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. 5 bits, a size missing: an edited config.json
+        raise UserError(f"config.json describes a quantized layer that cannot exist ({info}: {exc}): the folder "
+                        "is corrupt or was edited; quantize the model again") from exc
     raise UserError(f"unknown quantized layer type {kind!r}: upgrade squeeze-studio to load this folder")
+
+
+def weight_file_names(folder: Path) -> list[str]:
+    """The safetensors files of a quantized folder: ``model.safetensors`` or the shards its index names."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index} is corrupt ({exc}): quantize the model again") from exc
+    return [WEIGHTS_FILE]
+
+
+def read_weights(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized folder (one file or shards). UserError for a missing or corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name in weight_file_names(folder):
+        try:
+            state.update(load_file(folder / name, device=device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{folder / name} is missing or corrupt ({exc}): quantize the model again") from exc
+    return state
 
 
 def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
@@ -200,18 +230,13 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     Dense weights of the quantized layers are never materialised. Returns core.models.LoadedModel.
     """
     from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from core.models import LoadedModel
 
     folder = Path(folder).expanduser()
     block = read_quantization_config(folder)
-    try:
-        state = load_file(folder / WEIGHTS_FILE, device=device)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{folder / WEIGHTS_FILE} is missing or corrupt ({exc}): quantize the model again") from exc
+    state = read_weights(folder, device)
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -223,6 +248,9 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     widths = layer_bits(block)
     for name, info in block.get("modules", {}).items():
         model.set_submodule(name, build_quantized_module({**info, "bits": widths[name]}))
+    from core.folder_check import check_shapes
+
+    check_shapes(folder, model)  # one line naming the first mismatch, not load_state_dict's hundreds
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _check_complete(model, folder, result.unexpected_keys)

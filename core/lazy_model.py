@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from core.errors import UserError
+from core.progress import ProgressEvent
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -67,6 +69,32 @@ def folder_fingerprint(folder: Path) -> str:
             handle.seek(max(0, size - (1 << 20)))
             h.update(handle.read(1 << 20))
     return h.hexdigest()[:20]
+
+
+def resolve_folder(spec: str) -> Generator[ProgressEvent, None, Path]:
+    """The safetensors folder behind a model spec: "demo", a folder, a .gguf file (converted once,
+    cached) or a hub name. A quantized folder is refused: quantize the original."""
+    from core.checkpoint import is_quantized_folder
+    from core.models import HUB_NAME, _hub_folder, demo_model_dir
+
+    text = str(spec).strip()
+    if text == "demo":
+        return demo_model_dir()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if is_quantized_folder(path):
+            raise UserError(f"{text} is already quantized: start from the original model")
+        return path
+    if path.is_file():
+        from core.gguf_convert import cached_gguf_conversion
+        from core.models import check_gguf_magic
+
+        check_gguf_magic(path)
+        return (yield from cached_gguf_conversion(path))
+    if HUB_NAME.match(text) and not text.startswith((".", "~", "/")) and path.suffix != ".gguf":
+        return _hub_folder(text)
+    raise UserError(f"{text}: no such file or folder. Give 'demo', a model folder with config.json, "
+                    "a .gguf file, or a hub name like org/model")
 
 
 class LazyModel:

@@ -1,6 +1,7 @@
 """The end-to-end quantization job shared by the command line and the studio.
 
-load model -> sensitivity (cached) -> split + k-means + pack -> save folder atomically.
+open the model lazily -> memory plan -> block by block: sensitivity, split, k-means, pack, write
+(core.stream_quantize) -> folder moved into place atomically. A killed run resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from core.config import CalibrationConfig, QuantConfig, to_dict
+from core.checkpoint import _check_output
 from core.errors import UserError
 from core.progress import ProgressEvent
 from core.quantize import QuantReport
@@ -21,7 +23,12 @@ from core.quantize import QuantReport
 
 @dataclass(frozen=True)
 class QuantizeJob:
-    """Everything one quantization run needs."""
+    """Everything one quantization run needs.
+
+    cpu_memory: bytes the run may use (None: 85% of what is free when it starts); block inputs
+    beyond it go to ``offload_dir`` (None: inside the output's staging folder). restart: ignore a
+    killed run's progress for this output instead of resuming it.
+    """
 
     model: str
     output: Path
@@ -29,6 +36,10 @@ class QuantizeJob:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     device: str = "auto"
     overwrite: bool = False
+    cpu_memory: int | None = None
+    gpu_memory: int | None = None
+    offload_dir: Path | None = None
+    restart: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,15 +61,21 @@ def _check_text_source(source: str) -> None:
         load_text(source)  # raises the UserError that names the problem
 
 
-def run_quantize_job(job: QuantizeJob, loaded=None) -> Generator[ProgressEvent, None, QuantReport]:
-    """Quantize ``job.model`` into ``job.output``; returns the report with per-stage seconds.
+def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """float32 on a CPU (no fast bf16/fp16 arithmetic there), the stored dtype on a GPU."""
+    return torch.float32 if device.type == "cpu" else stored
 
-    loaded: an already loaded ``LoadedModel`` of job.model to reuse (it is modified in place).
+
+def run_quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantReport]:
+    """Quantize ``job.model`` into ``job.output`` block by block; returns the report with per-stage seconds.
+
+    Stages: "load", "plan", "forward", "backward" (sensitivity), "quantize", "allocate" (mixed
+    precision), "save". A killed run continues from its last finished block when started again.
     """
-    from core.checkpoint import _check_output, save_quantized
-    from core.models import load_model
-    from core.quantize import quantize_model
-    from core.sensitivity import load_or_compute_fisher
+    from core.data import calibration_windows, corpus_tokens
+    from core.lazy_model import LazyModel, resolve_folder
+    from core.memory_plan import activation_budget, plan_for
+    from core.stream_quantize import StreamOptions, StreamQuantizer
 
     device = resolve_device(job.device)
     output = Path(job.output).expanduser().resolve()
@@ -66,26 +83,63 @@ def run_quantize_job(job: QuantizeJob, loaded=None) -> Generator[ProgressEvent, 
     _check_text_source(job.calibration.source)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if loaded is None:
-        yield ProgressEvent("load", 0, 1, f"loading {job.model}")
-        loaded = load_model(job.model)
-    if getattr(loaded, "quantized", False):
-        raise UserError(f"{job.model} is already quantized: start from the original model")
-    loaded.model.to(device)
+    yield ProgressEvent("load", 0, 1, f"opening {job.model}")
+    folder = yield from resolve_folder(job.model)
+    lazy = LazyModel.open(folder)
+    if device.type != "cpu":
+        lazy = LazyModel.open(folder, compute_dtype_for(device, lazy.stored_dtype))
+    tokenizer = load_tokenizer(folder)
+    squeezellm = job.config.method == "squeezellm"
+    windows = None
+    if squeezellm:
+        check_window_fits(lazy.config, job.calibration.seqlen)
+        yield ProgressEvent("load", 0, 1, "preparing calibration text")
+        tokens = corpus_tokens(tokenizer, job.calibration.source)
+        windows = calibration_windows(tokens, job.calibration.samples, job.calibration.seqlen, job.calibration.seed)
+    plan = plan_for(lazy, job.calibration.samples, job.calibration.seqlen, fisher=squeezellm)
+    budget = activation_budget(plan, job.cpu_memory)
+    check_gpu_memory(plan, device, job.gpu_memory)
     seconds["load"] = time.perf_counter() - t0
-    yield ProgressEvent("load", 1, 1, f"loaded {loaded.name}")
-    fisher = None
-    if job.config.method == "squeezellm":
-        t0 = time.perf_counter()
-        fisher = yield from load_or_compute_fisher(loaded.model, loaded.tokenizer, job.calibration)
-        seconds["fisher"] = time.perf_counter() - t0
-    report = yield from quantize_model(loaded.model, job.config, fisher, device=device)
-    seconds.update(report.seconds)
-    t0 = time.perf_counter()
-    settings = {"config": to_dict(job.config), "range_multiplier": report.range_multiplier,
-                "calibration": to_dict(job.calibration) if fisher is not None else None,
-                "source_model": job.model, "bits_per_weight": report.bits_per_weight,
-                "sparse_percent": report.sparse_percent}
-    yield from save_quantized(loaded.model.cpu(), loaded.tokenizer, output, settings, overwrite=job.overwrite)
-    seconds["save"] = time.perf_counter() - t0
-    return dataclasses.replace(report, seconds=seconds)
+    spill = max(0, plan.activations - budget)
+    yield ProgressEvent("plan", 1, 1, f"memory: {plan.describe()}" + (f"; {spill / 2**30:.1f} GB of block inputs "
+                                                                      "go to disk" if spill else ""))
+    settings = {"config": to_dict(job.config), "calibration": to_dict(job.calibration) if squeezellm else None,
+                "source_model": job.model}
+    options = StreamOptions(device, budget, Path(job.offload_dir).expanduser() if job.offload_dir else None,
+                            job.restart)
+    report = yield from StreamQuantizer(lazy, tokenizer, job.config, output, options, settings, windows).run(
+        job.overwrite)
+    return dataclasses.replace(report, seconds={**seconds, **report.seconds})
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise UserError(f"{folder}: its tokenizer does not load ({exc}): copy the tokenizer files "
+                        "(tokenizer.json, tokenizer_config.json) of the original model into it") from exc
+
+
+def check_window_fits(config, seqlen: int) -> None:
+    """UserError when calibration windows are longer than the model's context."""
+    from core.data import model_context_length
+
+    context = model_context_length(config)
+    if context is not None and seqlen > context:
+        raise UserError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens: "
+                        f"use --seqlen {min(512, context)} or less")
+
+
+def check_gpu_memory(plan, device: torch.device, gpu_memory: int | None) -> None:
+    """On a GPU one block, its Fisher and one window's temporaries must fit: UserError otherwise."""
+    if device.type != "cuda":
+        return
+    free, _total = torch.cuda.mem_get_info(device)
+    limit = min(free, gpu_memory) if gpu_memory else free
+    need = plan.block + plan.window + plan.quantize + plan.outside_blocks
+    if need > limit:
+        raise UserError(f"not enough GPU memory: one block with its Fisher, the embedding and head need about "
+                        f"{need / 2**30:.1f} GB but {limit / 2**30:.1f} GB is free: use --device cpu, fewer or "
+                        "shorter windows (--samples, --seqlen), or free the GPU")

@@ -69,7 +69,7 @@ def quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantizeOut
     from core.pipeline import run_quantize_job
 
     t0 = time.perf_counter()
-    report = yield from run_quantize_job(job, loaded=None)
+    report = yield from run_quantize_job(job)
     yield ProgressEvent("reload", 0, 1, f"loading the result from {job.output}")
     loaded = load_model(str(job.output))
     yield ProgressEvent("reload", 1, 1, "ready")

@@ -1,0 +1,401 @@
+"""Streaming quantization: Fisher, split, k-means and pack one decoder block at a time.
+
+For SqueezeLLM the forward sweep of ``core.block_pass`` also condenses every matrix for the
+outlier thresholds (the IQR multiplier is solved over the whole model, SPEC H.3); the backward
+sweep then quantizes each block as soon as its Fisher is complete and writes its packed tensors
+into the staging folder (``core.staging``), freeing the block and its Fisher. Mixed precision keeps
+both widths of each matrix in a candidate file and only their errors in memory; the widths are
+allocated when every block is done. The baselines (rtn, rtn-g128) need no Fisher and go block by
+block directly. ``finish`` writes the non-block tensors, config.json, the tokenizer and one
+``model.safetensors`` (or shards with an index when large) and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.activation_store import ActivationStore
+from core.block_pass import BlockMajorPass, block_linears
+from core.config import MIXED_BITS, QuantConfig
+from core.lazy_model import INDEX_FILE, SINGLE_FILE, LazyModel
+from core.outliers import OutlierStats, iqr_threshold, quartiles, solve_range_multiplier
+from core.progress import ProgressEvent
+from core.quantize import LayerReport, QuantReport, per_matrix, quantize_matrix_widths, squeeze_module
+from core.staging import Staging, save_tensors_atomic
+
+MERGE_LIMIT = 2 << 30  # folders up to this size keep today's single model.safetensors
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Where blocks compute and how much of the block inputs stay in RAM."""
+
+    device: torch.device
+    activation_budget: int  # bytes of block inputs kept in RAM; the rest spill to offload_dir
+    offload_dir: Path | None = None  # default: the staging folder's activations/
+    restart: bool = False
+
+
+def job_key(lazy: LazyModel, config: QuantConfig, calibration: dict | None, settings: dict) -> dict:
+    """What must match for a staging folder to be resumed (JSON-ready)."""
+    from core.checkpoint import FORMAT_VERSION
+    from core.config import to_dict
+    from core.lazy_model import folder_fingerprint
+
+    return {"model": folder_fingerprint(lazy.folder), "config": to_dict(config), "calibration": calibration,
+            "compute_dtype": str(lazy.compute_dtype), "format": FORMAT_VERSION,
+            "source_model": settings.get("source_model")}
+
+
+class StreamQuantizer:
+    """One streaming run into ``output`` (see the module docstring)."""
+
+    def __init__(self, lazy: LazyModel, tokenizer, config: QuantConfig, output: Path, options: StreamOptions,
+                 settings: dict, windows: torch.Tensor | None) -> None:
+        self.lazy, self.tokenizer, self.config, self.output = lazy, tokenizer, config, output
+        self.options, self.settings, self.windows = options, settings, windows
+        self.staging = Staging(output, job_key(lazy, config, settings.get("calibration"), settings),
+                               restart=options.restart)
+        self.seconds: dict[str, float] = {}
+        self.n_blocks = len(lazy.blocks)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, overwrite: bool) -> Generator[ProgressEvent, None, QuantReport]:
+        state = self.staging.open()
+        try:
+            if self.staging.resumed_blocks:
+                yield ProgressEvent("resume", self.staging.resumed_blocks, self.n_blocks,
+                                    f"resuming: {self.staging.resumed_blocks} of {self.n_blocks} blocks already done")
+            if self.config.method != "squeezellm":
+                yield from self._baseline_blocks()
+            elif len(state["blocks"]) < self.n_blocks:
+                yield from self._squeezellm_blocks()
+            if self.config.target_bits is not None and "allocation" not in state:
+                yield from self._allocate()
+            report = self._report()
+            t0 = time.perf_counter()
+            yield from self._finish(report, overwrite)
+            self.seconds["save"] = self.seconds.get("save", 0.0) + time.perf_counter() - t0
+        except BaseException:
+            self.staging.release()
+            raise
+        return QuantReport(report.config, report.range_multiplier, report.layers, report.n_weights,
+                           report.quantized_bytes, dict(self.seconds))
+
+    def _lap(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
+        return now
+
+    def _baseline_blocks(self) -> Generator[ProgressEvent, None, None]:
+        from core.baselines import rtn_module
+
+        group = 128 if self.config.method == "rtn-g128" else None
+        for i in range(self.n_blocks):
+            if self.staging.block_done(i):
+                continue
+            t0 = time.perf_counter()
+            block = self.lazy.load_block(i, "cpu")
+            try:
+                modules = {name: rtn_module(lin, self.config.bits, group) for name, lin in
+                           block_linears(self.lazy, i).items()}
+                self._write_block(i, block, {n: (m, None) for n, m in modules.items()}, grads=None)
+            finally:
+                self.lazy.release(block)
+            self._lap("quantize", t0)
+            yield ProgressEvent("quantize", i + 1, self.n_blocks, f"round-to-nearest: block {i + 1}/{self.n_blocks}")
+
+    def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
+        state = self.staging.state
+        done = [int(i) for i in state["blocks"]]
+        start = min(done) - 1 if done else self.n_blocks - 1  # the backward sweep goes down
+        spill = self.options.offload_dir or self.staging.path / "activations"
+        store = ActivationStore(self.options.activation_budget, spill)
+        passer = BlockMajorPass(self.lazy, self.windows, self.options.device, store)
+        try:
+            t0 = time.perf_counter()
+            passer.prepare()
+            stats: dict[str, OutlierStats | tuple[float, float]] = {}
+            need_stats = "outliers" not in state
+            upto = self.n_blocks if not done else start
+            yield ProgressEvent("forward", 0, upto, f"forward: {self.windows.shape[0]} windows through {upto} blocks")
+            yield from passer.forward_sweep(upto, (lambda i, b: self._condense(i, stats)) if need_stats else None)
+            t0 = self._lap("forward", t0)
+            if need_stats:
+                state["outliers"] = self._thresholds(stats)
+                self.staging.save_state()
+                stats.clear()
+            self.seconds["outliers"] = self.seconds.get("outliers", 0.0)
+            if done:
+                grads = self.staging.handed_down_grads()
+            else:
+                grads = yield from passer.top_gradients()
+            t0 = self._lap("backward", t0)
+            for i in range(start, -1, -1):
+                block = self.lazy.load_block(i, self.options.device)
+                try:
+                    fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0)
+                    t0 = self._lap("backward", t0)
+                    yield ProgressEvent("backward", self.n_blocks - i, self.n_blocks,
+                                        f"sensitivity: block {i + 1} of {self.n_blocks} (last first)")
+                    quantized = yield from self._quantize_block(i, fisher)
+                    del fisher
+                    self._write_block(i, block, quantized, grads=grads if i > 0 else None)
+                finally:
+                    self.lazy.release(block)
+                t0 = self._lap("quantize", t0)
+                yield ProgressEvent("quantize", self.n_blocks - i, self.n_blocks,
+                                    f"quantized block {i + 1} of {self.n_blocks}")
+            self.staging.discard_grads()
+        finally:
+            store.close()
+
+    # ------------------------------------------------------------------ outliers
+
+    def _condense(self, index: int, stats: dict) -> None:
+        t0 = time.perf_counter()
+        if self.config.outliers.enabled:
+            for name, lin in block_linears(self.lazy, index).items():
+                if self.config.outliers.range_multiplier is not None:
+                    stats[name] = quartiles(lin.weight)
+                else:
+                    stats[name] = OutlierStats.of(lin.weight)
+        self._lap("outliers", t0)
+
+    def _thresholds(self, stats: dict) -> dict:
+        outliers = self.config.outliers
+        if not outliers.enabled:
+            return {"multiplier": None, "thresholds": {}}
+        r = outliers.range_multiplier
+        if r is None:
+            r = solve_range_multiplier(list(stats.values()), outliers.percent)
+        thresholds = {}
+        for name, s in stats.items():
+            q1, q3 = (s.q1, s.q3) if isinstance(s, OutlierStats) else s
+            thresholds[name] = iqr_threshold(q1, q3, r)
+        return {"multiplier": r, "thresholds": thresholds}
+
+    # ------------------------------------------------------------------ one block
+
+    def _quantize_block(self, index: int, fisher: dict[str, torch.Tensor]
+                        ) -> Generator[ProgressEvent, None, dict[str, tuple]]:
+        """name -> (module or {bits: module}, weighted errors) for every projection of block ``index``."""
+        config = self.config
+        thresholds = self.staging.state["outliers"]["thresholds"]
+        widths = MIXED_BITS if config.target_bits is not None else (config.bits,)
+        linears = block_linears(self.lazy, index)
+        timings: dict[str, float] = {}
+
+        def job(name: str, lin: nn.Linear, target: torch.device):
+            return quantize_matrix_widths(lin.weight.to(target), fisher[name].to(target), widths,
+                                          threshold=thresholds.get(name), sensitivity_percent=config.sensitivity_percent,
+                                          max_iter=config.kmeans_max_iter, seed=config.seed, timings=timings)
+
+        result = {}
+        with contextlib.closing(per_matrix(linears, self.options.device, job)) as matrices:
+            for name, lin, by_bits in matrices:
+                modules = {bits: (squeeze_module(q, bits, lin), q) for bits, q in by_bits.items()}
+                result[name] = modules
+        for key, value in timings.items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + value
+        yield ProgressEvent("quantize", self.n_blocks - index - 1, self.n_blocks,
+                            f"k-means of block {index + 1}: {len(result)} matrices")
+        return result
+
+    def _write_block(self, index: int, block: nn.Module, quantized: dict, *, grads) -> None:
+        """Pack block ``index``: every projection's chosen parts, the block's other tensors as stored."""
+        prefix = self.lazy.block_name(index)
+        tensors = {name: t for name, t in self.lazy.stored_state(block, prefix).items()
+                   if name.rsplit(".", 1)[0] not in quantized}
+        layers, modules, candidates = [], {}, {}
+        for name, parts in quantized.items():
+            if not isinstance(parts, dict):  # a baseline module
+                module, q = parts
+                modules[name] = module.layout()
+                tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+                layers.append(_layer_record(name, module, q))
+                continue
+            tried = [[bits, q.weighted_error] for bits, (_, q) in parts.items()]
+            for bits, (module, q) in parts.items():
+                key = name if len(parts) == 1 else f"{bits}/{name}"
+                tensors.update({f"{key}.{k}": v for k, v in module.state_dict().items()})
+                record = {**_layer_record(name, module, q), "weighted_errors": tried, "layout": module.layout()}
+                if len(parts) == 1:
+                    modules[name] = module.layout()
+                    layers.append(record)
+                else:
+                    candidates.setdefault(name, {})[str(bits)] = record
+        record = {"layers": layers, "modules": modules, "candidates": candidates}
+        self.staging.finish_block(index, tensors, record, grads=grads, kind="cand" if candidates else "block")
+
+    # ------------------------------------------------------------------ mixed precision
+
+    def _allocate(self) -> Generator[ProgressEvent, None, None]:
+        from core.mixed_precision import allocate_bits
+
+        t0 = time.perf_counter()
+        blocks = self.staging.state["blocks"]
+        numel, errors = {}, {}
+        for index in range(self.n_blocks):
+            for name, by_bits in blocks[str(index)]["candidates"].items():
+                first = next(iter(by_bits.values()))
+                numel[name] = first["shape"][0] * first["shape"][1]
+                errors[name] = {int(b): r["weighted_error"] for b, r in by_bits.items()}
+        allocation = allocate_bits(numel, errors, self.config.target_bits)
+        from safetensors.torch import load_file
+
+        for index in range(self.n_blocks):
+            record = blocks[str(index)]
+            if record.get("allocated"):
+                continue
+            cand = load_file(self.staging.block_file(index, "cand"))
+            tensors = {k: v for k, v in cand.items() if "/" not in k}
+            for name, by_bits in record["candidates"].items():
+                bits = allocation[name]
+                chosen = by_bits[str(bits)]
+                record["modules"][name] = chosen["layout"]
+                record["layers"].append(chosen)
+                prefix = f"{bits}/{name}."
+                tensors.update({name + "." + k[len(prefix):]: v for k, v in cand.items() if k.startswith(prefix)})
+            save_tensors_atomic(self.staging.block_file(index, "block"), tensors)
+            record["allocated"] = True
+            self.staging.save_state()
+            self.staging.block_file(index, "cand").unlink(missing_ok=True)
+            yield ProgressEvent("allocate", index + 1, self.n_blocks, f"block {index + 1}: widths chosen")
+        self.staging.state["allocation"] = True
+        self.staging.save_state()
+        self._lap("allocate", t0)
+
+    # ------------------------------------------------------------------ the folder
+
+    def _report(self) -> QuantReport:
+        from core.config import to_dict
+
+        layers, n_weights, n_bytes = [], 0, 0
+        for index in range(self.n_blocks):
+            for rec in self.staging.state["blocks"][str(index)]["layers"]:
+                layers.append(LayerReport(rec["name"], tuple(rec["shape"]), rec["bits"], rec["outliers"], rec["sparse"],
+                                          rec["weighted_error"], rec["relative_error"],
+                                          tuple((int(b), float(e)) for b, e in rec.get("weighted_errors", ()))))
+                n_weights += rec["shape"][0] * rec["shape"][1]
+                n_bytes += rec["bytes"]
+        multiplier = (self.staging.state.get("outliers") or {}).get("multiplier")
+        return QuantReport(to_dict(self.config), multiplier, tuple(layers), n_weights, n_bytes, dict(self.seconds))
+
+    def _finish(self, report: QuantReport, overwrite: bool) -> Generator[ProgressEvent, None, None]:
+        from core.checkpoint import EMBEDDINGS_DTYPE, FORMAT_VERSION, QUANT_METHOD, _move_into_place, bits_overrides
+
+        yield ProgressEvent("save", 0, 3, "saving: embedding, head and config")
+        final = self.staging.path / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
+        rest, halved = self._outside_tensors()
+        layout = {}
+        for index in range(self.n_blocks):
+            layout.update(self.staging.state["blocks"][str(index)]["modules"])
+        settings = {**self.settings, "range_multiplier": report.range_multiplier,
+                    "bits_per_weight": report.bits_per_weight, "sparse_percent": report.sparse_percent}
+        overrides = bits_overrides(layout, settings["config"].get("bits"))
+        config = _fresh_config(self.lazy.folder)
+        config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **settings,
+                                         **({"bits_overrides": overrides} if overrides else {}), "modules": layout}
+        if halved:
+            config["quantization_config"][EMBEDDINGS_DTYPE] = "float16"
+        (final / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        generation = self.lazy.folder / "generation_config.json"
+        if generation.is_file():
+            shutil.copyfile(generation, final / "generation_config.json")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(final)
+        yield ProgressEvent("save", 1, 3, "saving: weights")
+        self._write_weights(final, rest)
+        yield ProgressEvent("save", 2, 3, "saving: moving into place")
+        from core.checkpoint import _check_output
+
+        _check_output(self.output, overwrite)
+        final.chmod(0o755)
+        _move_into_place(final, self.output)
+        shutil.rmtree(self.staging.path, ignore_errors=True)
+        yield ProgressEvent("save", 3, 3, f"saved {self.output}")
+
+    def _outside_tensors(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """Stored tensors outside the blocks (a tied pair once), embedding/head halved for float32 models."""
+        skeleton = self.lazy.skeleton
+        seen, rest = set(), {}
+        for name, param in skeleton.named_parameters():
+            if name.startswith(self.lazy.block_prefix + ".") or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if self.lazy.has(name):
+                rest[name] = self.lazy.tensor(name)
+        embedding, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+        names = {id(p): n for n, p in skeleton.named_parameters()}
+        emb_name = names.get(id(embedding.weight))
+        head_name = names.get(id(head.weight)) if head is not None else None
+        if self.lazy.stored_dtype != torch.float32 or type(embedding) is not nn.Embedding or emb_name not in rest:
+            return rest, False
+        targets = [emb_name] + ([head_name] if head_name and head_name != emb_name else [])
+        if head is not None and head_name != emb_name and type(head) is not nn.Linear:
+            targets = [emb_name]
+        if any(float(rest[n].abs().max()) > _FP16_MAX for n in targets):
+            return rest, False
+        for n in targets:
+            rest[n] = rest[n].to(torch.float16)
+        return rest, True
+
+    def _write_weights(self, final: Path, rest: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import load_file, save_file
+
+        files = [self.staging.block_file(i) for i in range(self.n_blocks)]
+        total = sum(f.stat().st_size for f in files) + sum(t.numel() * t.element_size() for t in rest.values())
+        if total <= MERGE_LIMIT:
+            state = dict(rest)
+            for file in files:
+                state.update(load_file(file))
+            save_file(state, final / SINGLE_FILE, metadata={"format": "pt"})
+            return
+        n = len(files) + 1
+        weight_map = {}
+        for k, file in enumerate(files, start=1):
+            shard = f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.link(file, final / shard) if _same_device(file, final) else shutil.copyfile(file, final / shard)
+            from safetensors import safe_open
+
+            with safe_open(final / shard, framework="pt") as handle:
+                weight_map.update({key: shard for key in handle.keys()})
+        last = f"model-{n:05d}-of-{n:05d}.safetensors"
+        save_file(rest, final / last, metadata={"format": "pt"})
+        weight_map.update({key: last for key in rest})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (final / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def _layer_record(name: str, module: nn.Module, q) -> dict:
+    """JSON-ready LayerReport fields plus the packed bytes of ``module`` (q: QuantizedMatrix or None)."""
+    return {"name": name, "shape": [module.out_features, module.in_features], "bits": int(module.bits),
+            "outliers": q.n_outliers if q is not None else 0, "sparse": q.n_sparse if q is not None else 0,
+            "weighted_error": q.weighted_error if q is not None else 0.0,
+            "relative_error": q.relative_error if q is not None else 0.0, "bytes": int(module.storage_bytes())}
+
+
+def _fresh_config(folder: Path) -> dict:
+    """The source's config as transformers writes it (read anew: building the skeleton may edit it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).to_dict()
