@@ -98,9 +98,10 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from core.checkpoint import layer_bits, read_quantization_config
+    from core.checkpoint import layer_bits
+    from core.folder_check import check_quantized_folder
 
-    block = read_quantization_config(args.folder)
+    block = check_quantized_folder(args.folder)  # a broken folder is reported as broken, not summarised
     config = block.get("config", {})
     modules = block.get("modules", {})
     nnz = sum(m.get("nnz", 0) for m in modules.values())
