@@ -143,16 +143,10 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} is a file: choose a folder name for the quantized model")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output folder {output} already exists and is not empty: "
-                        "choose another folder or allow overwriting (--overwrite)")
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write into {parent}: choose an output folder you can write to")
+    """UserError unless ``output`` can be written as a model folder (core.outputs.check_output_path)."""
+    from core.outputs import check_output_path
+
+    check_output_path(output, overwrite=overwrite, kind="folder")
 
 
 def _move_into_place(tmp: Path, output: Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.outputs import check_output_path
 from core.progress import ProgressEvent
 
 GGUF_MODEL_TYPES = ("llama", "mistral")
@@ -36,13 +37,7 @@ def check_gguf_output(output: Path, dtype: torch.dtype, overwrite: bool) -> None
         raise UserError(f"GGUF export writes float16 or float32 tensors, not {dtype}: choose one of those")
     if output.suffix.lower() != ".gguf":
         raise UserError(f"{output} does not end in .gguf: name the output file like model-f16.gguf")
-    if output.is_dir() or (output.exists() and not overwrite):
-        raise UserError(f"{output} already exists: choose another file name or allow overwriting (--overwrite)")
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write into {parent}: choose an output file you can write to")
+    check_output_path(output, overwrite=overwrite, kind="file")
 
 
 def permute_for_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
