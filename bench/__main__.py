@@ -31,6 +31,7 @@ BENCHMARKS_TO_RUN = {
     "eval": ("bench.eval_speed", [], ["--windows", "8"], "perplexity evaluation throughput, kernel vs torch path"),
     "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
     "scale": ("bench.memory_scale", [], ["--new-tokens", "4", "--rounds", "1"], "peak memory and decode at 1.1 B parameters"),
+    "streaming": ("bench.streaming", [], ["--quick"], "peak memory and stage times quantizing 1.1 B / 3 B / 8 B models"),
     "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
     "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
 }
