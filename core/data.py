@@ -11,10 +11,10 @@ from __future__ import annotations
 import bz2
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -118,12 +118,13 @@ def _drop_back_matter(code) -> None:
 
 def _write_atomic(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` through a temporary file and a rename (never a half file)."""
+    from core.litter import sweep, temp_path
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    sweep(target.parent)  # what killed runs left
+    temporary = temp_path(target, "tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is an ordinary folder
+        temporary.write_bytes(data)
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -216,11 +217,9 @@ def corpus_tokens(tokenizer, source: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     array = np.asarray(ids, dtype=np.int64)
     small = array.astype(np.int32) if len(array) and array.max() < 2**31 else array
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", suffix=".npy", delete=False) as stream:
-        np.save(stream, small, allow_pickle=False)
-    os.chmod(stream.name, 0o644)
-    os.replace(stream.name, target)
+    buffer = io.BytesIO()
+    np.save(buffer, small, allow_pickle=False)
+    _write_atomic(target, buffer.getvalue())
     return torch.from_numpy(array)
 
 

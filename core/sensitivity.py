@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Generator
 from pathlib import Path
 
@@ -99,10 +98,16 @@ def source_identity(source: str) -> str:
 
 
 def save_fisher(path: Path, fisher: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write atomically: a crash leaves either the old file or none."""
+    """Write atomically: a crash leaves either the old file or none.
+
+    The temporary file names this process (core.litter), so the next save into the cache folder
+    removes what a killed run left there.
+    """
+    from core.litter import sweep, temp_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    sweep(path.parent)
+    tmp = temp_path(path, "tmp")
     try:
         save_file({k: v.contiguous() for k, v in fisher.items()}, tmp, metadata=meta)
         os.replace(tmp, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Generator
 from pathlib import Path
 
@@ -68,11 +67,15 @@ def _into_place(output: Path, overwrite: bool, write) -> Generator[ProgressEvent
     """Run ``write(tmp_folder)`` (a generator) and rename the finished folder to ``output``."""
     from core.checkpoint import _move_into_place
 
+    from core.litter import sweep, temp_path
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    sweep(output.parent)  # exports a killed process left behind
+    tmp = temp_path(output)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield from write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
         _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.litter import sweep, temp_path
 from core.outputs import check_output_path
 from core.progress import ProgressEvent
 
@@ -54,7 +55,8 @@ def write_gguf(loaded, folder: Path, output: Path, dtype: torch.dtype) -> Genera
     _check_supported(config)
     tensors = _tensor_plan(loaded.model, config, dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
+    sweep(output.parent)  # files a killed export left behind
+    tmp = temp_path(output)  # names this process: two exports to one name never share it
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
         _add_hyperparameters(writer, config, loaded.name, dtype)
