@@ -95,9 +95,22 @@ def dequantize_transposed(qweight: torch.Tensor, lookup_table: torch.Tensor, bit
     flat_index = codes * out_features + torch.arange(out_features, dtype=torch.int32, device=codes.device)
     weight_t = lut_t.view(-1).index_select(0, flat_index.view(-1)).view(in_features, out_features)
     if _has_sparse(sparse_vals):
-        index = (sparse_cols.to(torch.int64), csr_row_indices(sparse_rows, sparse_vals.numel()))
+        cols = sparse_cols.to(torch.int64)
+        _check_sparse_cols(cols, in_features)
+        index = (cols, csr_row_indices(sparse_rows, sparse_vals.numel()))
         weight_t.index_put_(index, sparse_vals.to(torch.float32), accumulate=True)
     return weight_t
+
+
+# The same words as the compiled kernels (cuda_ext/csrc/cpu_lut.cpp, lut_cuda_ops.cpp) raise.
+SPARSE_INDEX_ERROR = "the sparse residual's CSR indices are out of range: the weights are corrupt"
+
+
+def _check_sparse_cols(cols: torch.Tensor, in_features: int) -> None:
+    """RuntimeError, as from the kernels, when a column index (int64 [nnz]) is outside [0, in_features):
+    index_put_ would wrap a negative one silently and fail on a large one with an unrelated message."""
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        raise RuntimeError(SPARSE_INDEX_ERROR)
 
 
 def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int,

@@ -40,19 +40,22 @@ int launch_lut_gemv(const void* x, int x_dtype, int rows, int in_features, const
 
 // y[r, n] += sum_{i in row n} vals[i] * x[r, cols[i]]: the CSR residual, nnz split evenly over
 // threads whatever the row lengths. rows int32 [out+1], cols int32 [nnz], vals float32 [nnz].
+// bad_index: one device int32 the kernel sets to 1 when some cols[i] is outside [0, in_features)
+// (that entry is skipped, never read out of bounds); the binding raises then, as the CPU kernel does.
 int launch_csr_gemv(const void* x, int x_dtype, int rows, int in_features, const int32_t* sparse_rows,
                     const int32_t* sparse_cols, const float* sparse_vals, int64_t nnz, int out_features,
-                    float* y, void* stream);
+                    float* y, int32_t* bad_index, void* stream);
 
 // weight_t[k, n] = lut[n, code(k, n)]: the dense part, transposed [in_features, out_features],
 // in out_dtype (so that x @ weight_t is a plain GEMM and both reads and writes are coalesced).
 int launch_lut_dequantize(const int32_t* qweight, int in_features, int out_features, int bits,
                           const void* lut, int lut_dtype, void* weight_t, int out_dtype, void* stream);
 
-// weight_t[cols[i], n] += vals[i] for every residual i of row n (duplicates add up).
+// weight_t[cols[i], n] += vals[i] for every residual i of row n (duplicates add up). bad_index as
+// in launch_csr_gemv: set to 1 for a column outside [0, in_features), whose entry is skipped.
 int launch_csr_scatter_add(const int32_t* sparse_rows, const int32_t* sparse_cols, const float* sparse_vals,
                            int64_t nnz, int in_features, int out_features, void* weight_t, int dtype,
-                           void* stream);
+                           int32_t* bad_index, void* stream);
 
 const char* error_string(int code);
 

@@ -43,6 +43,16 @@ void check_launch(int status, const char* kernel) {
   TORCH_CHECK(status == 0, "squeeze_cuda: launching ", kernel, " failed: ", error_string(status));
 }
 
+// The same words as the CPU kernel (cpu_lut.cpp) and the torch reference (core/kernels.py).
+constexpr const char* kBadSparseIndex = "the sparse residual's CSR indices are out of range: the weights are corrupt";
+
+// A zeroed device int32 the CSR kernels set when they meet a column index out of range.
+at::Tensor bad_index_flag(const at::Tensor& like) { return at::zeros({1}, like.options().dtype(at::kInt)); }
+
+// Raises when a CSR kernel flagged a corrupt column. Reading the flag waits for the kernels, so it
+// is done once per call and only for layers with a residual (dense-only layers never wait here).
+void check_bad_index(const at::Tensor& flag) { TORCH_CHECK(flag.item<int32_t>() == 0, kBadSparseIndex); }
+
 void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* what) {
   TORCH_CHECK(t.device() == like.device(), what, " is on ", t.device(), " but the activations are on ",
               like.device());
@@ -124,6 +134,7 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     y.zero_();
   }
   void* stream = current_stream(x);
+  const at::Tensor bad = residual.nnz > 0 ? bad_index_flag(x) : at::Tensor();
   const int64_t row_bytes = in_features * static_cast<int64_t>(xc.element_size());
   for (int64_t first = 0; first < rows; first += kMaxGemvRows) {
     const int chunk = static_cast<int>(std::min<int64_t>(kMaxGemvRows, rows - first));
@@ -137,10 +148,11 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Te
       check_launch(launch_csr_gemv(x_chunk, x_dtype, chunk, static_cast<int>(in_features),
                                    residual.rows.data_ptr<int32_t>(), residual.cols.data_ptr<int32_t>(),
                                    residual.vals.data_ptr<float>(), residual.nnz, static_cast<int>(out_features),
-                                   y_chunk, stream),
+                                   y_chunk, bad.data_ptr<int32_t>(), stream),
                    "csr_gemv");
     }
   }
+  if (residual.nnz > 0) check_bad_index(bad);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -163,11 +175,13 @@ at::Tensor lut_dequantize(const at::Tensor& qweight, const at::Tensor& lookup_ta
                                      lut_dtype, weight_t.data_ptr(), out_dtype, stream),
                "lut_dequantize");
   if (residual.nnz > 0) {
+    const at::Tensor bad = bad_index_flag(qweight);
     check_launch(launch_csr_scatter_add(residual.rows.data_ptr<int32_t>(), residual.cols.data_ptr<int32_t>(),
                                         residual.vals.data_ptr<float>(), residual.nnz,
                                         static_cast<int>(in_features), static_cast<int>(out_features),
-                                        weight_t.data_ptr(), out_dtype, stream),
+                                        weight_t.data_ptr(), out_dtype, bad.data_ptr<int32_t>(), stream),
                  "csr_scatter_add");
+    check_bad_index(bad);
   }
   return weight_t;
 }

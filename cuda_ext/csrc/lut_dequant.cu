@@ -55,11 +55,14 @@ template <typename T>
 __global__ void __launch_bounds__(kScatterThreads)
 csr_scatter_add_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ cols,
                        const float* __restrict__ vals, int64_t nnz, int in_features, int out_features,
-                       T* __restrict__ weight_t) {
+                       T* __restrict__ weight_t, int32_t* __restrict__ bad_index) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kScatterThreads + threadIdx.x;
   if (i >= nnz) return;
   const int col = cols[i];
-  if (col < 0 || col >= in_features) return;  // a corrupt file must not write out of bounds
+  if (col < 0 || col >= in_features) {  // a corrupt file: never write out of bounds, and say so
+    *bad_index = 1;
+    return;
+  }
   const int row = csr_row_of(row_ptr, out_features, i);
   atomic_add_any(weight_t + static_cast<int64_t>(col) * out_features + row, vals[i]);
 }
@@ -113,23 +116,25 @@ int launch_lut_dequantize(const int32_t* qweight, int in_features, int out_featu
 
 int launch_csr_scatter_add(const int32_t* sparse_rows, const int32_t* sparse_cols, const float* sparse_vals,
                            int64_t nnz, int in_features, int out_features, void* weight_t, int dtype,
-                           void* stream) {
+                           int32_t* bad_index, void* stream) {
   if (nnz <= 0 || out_features <= 0) return static_cast<int>(cudaSuccess);
   const auto blocks = static_cast<unsigned int>((nnz + kScatterThreads - 1) / kScatterThreads);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
       csr_scatter_add_kernel<float><<<blocks, kScatterThreads, 0, cuda_stream>>>(
-          sparse_rows, sparse_cols, sparse_vals, nnz, in_features, out_features, static_cast<float*>(weight_t));
+          sparse_rows, sparse_cols, sparse_vals, nnz, in_features, out_features, static_cast<float*>(weight_t),
+          bad_index);
       break;
     case kFloat16:
       csr_scatter_add_kernel<__half><<<blocks, kScatterThreads, 0, cuda_stream>>>(
-          sparse_rows, sparse_cols, sparse_vals, nnz, in_features, out_features, static_cast<__half*>(weight_t));
+          sparse_rows, sparse_cols, sparse_vals, nnz, in_features, out_features, static_cast<__half*>(weight_t),
+          bad_index);
       break;
     case kBFloat16:
       csr_scatter_add_kernel<__nv_bfloat16><<<blocks, kScatterThreads, 0, cuda_stream>>>(
           sparse_rows, sparse_cols, sparse_vals, nnz, in_features, out_features,
-          static_cast<__nv_bfloat16*>(weight_t));
+          static_cast<__nv_bfloat16*>(weight_t), bad_index);
       break;
     default:
       return static_cast<int>(cudaErrorInvalidValue);

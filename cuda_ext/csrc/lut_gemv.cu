@@ -105,7 +105,8 @@ __device__ __forceinline__ void flush_row_sums(float* acc, int rows, int row, in
 __global__ void __launch_bounds__(kCsrThreads)
 csr_gemv_kernel(const void* __restrict__ x, int x_dtype, int rows, int in_features,
                 const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ cols,
-                const float* __restrict__ vals, int64_t nnz, int out_features, float* __restrict__ y) {
+                const float* __restrict__ vals, int64_t nnz, int out_features, float* __restrict__ y,
+                int32_t* __restrict__ bad_index) {
   const int64_t begin = (static_cast<int64_t>(blockIdx.x) * kCsrThreads + threadIdx.x) * kCsrEntriesPerThread;
   if (begin >= nnz) return;
   const int64_t end = begin + kCsrEntriesPerThread < nnz ? begin + kCsrEntriesPerThread : nnz;
@@ -120,7 +121,10 @@ csr_gemv_kernel(const void* __restrict__ x, int x_dtype, int rows, int in_featur
       ++row;
     }
     const int col = cols[i];
-    if (col < 0 || col >= in_features) continue;  // a corrupt file must not read out of bounds
+    if (col < 0 || col >= in_features) {  // a corrupt file: never read out of bounds, and say so
+      *bad_index = 1;
+      continue;
+    }
     const float value = vals[i];
     SQZ_UNROLL
     for (int b = 0; b < kMaxGemvRows; ++b) {
@@ -209,13 +213,13 @@ int launch_lut_gemv(const void* x, int x_dtype, int rows, int in_features, const
 
 int launch_csr_gemv(const void* x, int x_dtype, int rows, int in_features, const int32_t* sparse_rows,
                     const int32_t* sparse_cols, const float* sparse_vals, int64_t nnz, int out_features,
-                    float* y, void* stream) {
+                    float* y, int32_t* bad_index, void* stream) {
   if (rows <= 0 || nnz <= 0 || out_features <= 0) return static_cast<int>(cudaSuccess);
   const int64_t per_block = static_cast<int64_t>(kCsrThreads) * kCsrEntriesPerThread;
   const auto blocks = static_cast<unsigned int>((nnz + per_block - 1) / per_block);
   if (rows > kMaxGemvRows) return static_cast<int>(cudaErrorInvalidValue);
   csr_gemv_kernel<<<blocks, kCsrThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      x, x_dtype, rows, in_features, sparse_rows, sparse_cols, sparse_vals, nnz, out_features, y);
+      x, x_dtype, rows, in_features, sparse_rows, sparse_cols, sparse_vals, nnz, out_features, y, bad_index);
   return launch_status();
 }
 

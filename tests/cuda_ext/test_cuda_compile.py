@@ -92,9 +92,10 @@ _LAUNCHER_STUBS = r"""
 namespace squeeze_cuda {
 int launch_lut_gemv(const void*, int, int, int, const int32_t*, int, int, const void*, int, float*, void*) { return 0; }
 int launch_csr_gemv(const void*, int, int, int, const int32_t*, const int32_t*, const float*, int64_t, int, float*,
-                    void*) { return 0; }
+                    int32_t*, void*) { return 0; }
 int launch_lut_dequantize(const int32_t*, int, int, int, const void*, int, void*, int, void*) { return 0; }
-int launch_csr_scatter_add(const int32_t*, const int32_t*, const float*, int64_t, int, int, void*, int, void*) {
+int launch_csr_scatter_add(const int32_t*, const int32_t*, const float*, int64_t, int, int, void*, int, int32_t*,
+                           void*) {
   return 0;
 }
 const char* error_string(int) { return "stub"; }
