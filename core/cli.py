@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args) or 0
     except KeyboardInterrupt:
-        print("squeeze: cancelled; nothing was written", file=sys.stderr)
+        resume = " (run the same command again to continue from the last finished block)" \
+            if args.command == "quantize" else ""
+        print(f"squeeze: cancelled; nothing was written{resume}", file=sys.stderr)
         return EXIT_CANCELLED
     except (UserError, ValueError) as exc:
         print(f"squeeze: error: {exc}", file=sys.stderr)

@@ -20,13 +20,33 @@ def _configure_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--output", "-o", required=True, type=Path, help="folder to write the quantized model to")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--cpu-memory", type=_gigabytes, metavar="GB",
+                   help="memory the run may use (default: 85%% of what is free); calibration activations beyond "
+                        "it go to disk")
+    p.add_argument("--gpu-memory", type=_gigabytes, metavar="GB", help="GPU memory the run may use (default: all free)")
+    p.add_argument("--offload-dir", type=Path, metavar="DIR",
+                   help="folder for activations that do not fit in memory (default: beside the output)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over instead of resuming an interrupted run into the same output")
+
+
+def _gigabytes(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of gigabytes (e.g. 12)") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text} GB is out of range: give a positive size such as 12")
+    return int(value * 2**30)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from core.pipeline import QuantizeJob, run_quantize_job
 
     job = QuantizeJob(model=args.model, output=args.output, config=quant_config_from(args),
-                      calibration=calibration_from(args), device=args.device, overwrite=args.overwrite)
+                      calibration=calibration_from(args), device=args.device, overwrite=args.overwrite,
+                      cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
+                      restart=args.restart)
     report = drive(run_quantize_job(job), args.quiet)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     if job.config.target_bits is not None:
