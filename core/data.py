@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import UserError
+from core.errors import UserError, quote_error
 from core.paths import cache_dir
 
 GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -185,7 +185,7 @@ def _dataset_text(name: str, config: str | None, split: str | None, data_files: 
         loaded = datasets.load_dataset(name, config, data_files=data_files)
     except Exception as exc:  # network, auth and format errors come in many types
         raise UserError(f"the dataset {name!r} could not be loaded ({type(exc).__name__}: "
-                        f"{str(exc).strip()[:200]}): the Hugging Face hub may be unreachable; use the "
+                        f"{quote_error(exc, 200)}): the Hugging Face hub may be unreachable; use the "
                         "builtin corpus or a text file") from exc
     split = split or next((s for s in ("test", "validation", "train") if s in loaded), None)
     if split not in loaded:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from core import kernels
-from core.errors import UserError
+from core.errors import UserError, quote_error
 from core.packing import CODECS, GROUP, pack_codes, packed_rows
 
 _BUFFERS = ("qweight", "lookup_table", "sparse_rows", "sparse_cols", "sparse_vals", "bias")
@@ -169,7 +169,8 @@ def squeeze_linear_from_state(prefix: str, state: dict[str, torch.Tensor], in_fe
                            device="meta")
     try:
         module.load_state_dict(parts, assign=True)
-    except RuntimeError as exc:
-        raise UserError(f"the tensors of {prefix.rstrip('.')!r} do not fit together ({exc}): "
+    except RuntimeError as exc:  # load_state_dict lists every mismatch on its own line: quote the first
+        detail = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line), quote_error(exc))
+        raise UserError(f"the tensors of {prefix.rstrip('.')!r} do not fit together ({detail}): "
                         "the weights file is corrupt; quantize the model again") from exc
     return module

@@ -120,3 +120,13 @@ def test_a_sharded_folder_missing_a_tensor_or_a_shard_is_broken(tmp_path, saved_
     (lost / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(UserError, match="lacks its weight file model-00002-of-00002.safetensors"):
         check_quantized_folder(lost)
+
+
+def test_tensors_of_an_imported_layer_that_do_not_fit_are_one_line():
+    from core.layers import SqueezeLinear, squeeze_linear_from_state
+
+    module = SqueezeLinear.from_parts(torch.randint(0, 16, (8, 64), dtype=torch.uint8), torch.randn(8, 16), 4)
+    state = dict(module.state_dict(), lookup_table=torch.randn(8, 8).half(), sparse_rows=torch.zeros(5, dtype=torch.int32))
+    with pytest.raises(UserError) as info:
+        squeeze_linear_from_state("layer", {f"layer.{k}": v for k, v in state.items()}, 64)
+    assert "\n" not in str(info.value) and "size mismatch for" in str(info.value)
