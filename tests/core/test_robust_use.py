@@ -39,6 +39,13 @@ def test_eval_seqlen_above_the_context_is_one_line_before_any_work(capsys, tiny_
     assert "longer than the model's context of 512" in one_line_error(err)
 
 
+def test_quantize_seqlen_above_the_context_is_one_line(capsys, tmp_path, tiny_folder, text_file):  # noqa: F811
+    code, _, err = run_cli(capsys, "quantize", tiny_folder, "--calibration", text_file, "--samples", "1",
+                           "--seqlen", "600", "--output", tmp_path / "out")
+    assert code == 2 and "longer than the model's context of 512" in one_line_error(err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_perplexity_checks_the_window_against_the_model():
     import torch
 
