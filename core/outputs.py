@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from pathlib import Path
 
 from core.errors import UserError
+from core.litter import temp_name
 
 # Kernel interfaces that look like folders; nothing we write belongs there (as root, writes may even work).
 VIRTUAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
@@ -77,7 +77,7 @@ def _probe(parent: Path) -> None:
             if not folder.exists():
                 folder.mkdir()
                 created.append(folder)
-        probe = parent / f".squeeze-probe.{socket.gethostname()}-{os.getpid()}"
+        probe = parent / temp_name("squeeze-probe", "tmp")  # a kill right here leaves litter sweep() knows
         with open(probe, "wb") as handle:
             handle.write(b"probe")
         probe.unlink()

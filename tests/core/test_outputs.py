@@ -38,7 +38,7 @@ def test_unwritable_folders_are_refused_with_the_reason(tmp_path, monkeypatch):
     real_open = builtins.open
 
     def denied(file, *args, **kwargs):
-        if ".squeeze-probe." in str(file):
+        if ".squeeze-probe." in str(file):  # core.litter.temp_name("squeeze-probe", "tmp")
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
