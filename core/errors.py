@@ -52,7 +52,8 @@ def _memory_message(exc: BaseException) -> str | None:
     torch = sys.modules.get("torch")  # never imported here: errors.py stays cheap to import
     out_of_memory = getattr(torch, "OutOfMemoryError", None)
     if out_of_memory is not None and isinstance(exc, out_of_memory):
-        return GPU_MEMORY_ADVICE  # torch raises it for accelerators; the CPU allocator raises RuntimeError
+        # torch raises it for accelerators; the CPU allocator raises a RuntimeError (for now)
+        return CPU_MEMORY_ADVICE if "defaultcpuallocator" in text else GPU_MEMORY_ADVICE
     if isinstance(exc, RuntimeError) and any(m in text for m in _MEMORY_MARKERS):
         if "defaultcpuallocator" in text or not any(m in text for m in _DEVICE_MARKERS):
             return CPU_MEMORY_ADVICE
