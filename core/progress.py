@@ -25,12 +25,15 @@ class ProgressEvent:
     done:    units finished in this stage (0..total).
     total:   units in this stage (0 when unknown).
     message: one human sentence about what is happening now.
+    item:    what this event finished, when it is one named part (a decoder block such as
+             "model.layers.3"), so a view can mark it; empty otherwise.
     """
 
     stage: str
     done: int
     total: int
     message: str = ""
+    item: str = ""
 
     @property
     def fraction(self) -> float:

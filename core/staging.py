@@ -128,9 +128,13 @@ class Staging:
     def discard_grads(self) -> None:
         (self.path / "grad.safetensors").unlink(missing_ok=True)
 
-    def release(self) -> None:
-        """Give the folder up without finishing (it stays for a resume)."""
-        (self.path / OWNER_FILE).unlink(missing_ok=True)
+    def release(self, keep: bool = True) -> None:
+        """Give the folder up without finishing: kept for a resume, or removed (``keep=False``)."""
+        if keep:
+            (self.path / OWNER_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "activations", ignore_errors=True)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def sweep_stale_staging(parent: Path, keep: Path) -> None:

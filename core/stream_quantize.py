@@ -88,8 +88,11 @@ class StreamQuantizer:
             t0 = time.perf_counter()
             yield from self._finish(report, overwrite)
             self.seconds["save"] = self.seconds.get("save", 0.0) + time.perf_counter() - t0
+        except (GeneratorExit, KeyboardInterrupt):
+            self.staging.release(keep=bool(self.staging.state["blocks"]))  # cancelled: finished blocks stay
+            raise
         except BaseException:
-            self.staging.release()
+            self.staging.release(keep=True)  # a crash or a kill: the same command continues
             raise
         return QuantReport(report.config, report.range_multiplier, report.layers, report.n_weights,
                            report.quantized_bytes, dict(self.seconds))
@@ -115,7 +118,8 @@ class StreamQuantizer:
             finally:
                 self.lazy.release(block)
             self._lap("quantize", t0)
-            yield ProgressEvent("quantize", i + 1, self.n_blocks, f"round-to-nearest: block {i + 1}/{self.n_blocks}")
+            yield ProgressEvent("quantize", i + 1, self.n_blocks, f"round-to-nearest: block {i + 1}/{self.n_blocks}",
+                                item=self.lazy.block_name(i))
 
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
         state = self.staging.state
@@ -149,7 +153,8 @@ class StreamQuantizer:
                     fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0)
                     t0 = self._lap("backward", t0)
                     yield ProgressEvent("backward", self.n_blocks - i, self.n_blocks,
-                                        f"sensitivity: block {i + 1} of {self.n_blocks} (last first)")
+                                        f"sensitivity: block {i + 1} of {self.n_blocks} (last first)",
+                                        item=self.lazy.block_name(i))
                     quantized = yield from self._quantize_block(i, fisher)
                     del fisher
                     self._write_block(i, block, quantized, grads=grads if i > 0 else None)
@@ -157,7 +162,7 @@ class StreamQuantizer:
                     self.lazy.release(block)
                 t0 = self._lap("quantize", t0)
                 yield ProgressEvent("quantize", self.n_blocks - i, self.n_blocks,
-                                    f"quantized block {i + 1} of {self.n_blocks}")
+                                    f"quantized block {i + 1} of {self.n_blocks}", item=self.lazy.block_name(i))
             self.staging.discard_grads()
         finally:
             store.close()
@@ -206,12 +211,12 @@ class StreamQuantizer:
         result = {}
         with contextlib.closing(per_matrix(linears, self.options.device, job)) as matrices:
             for name, lin, by_bits in matrices:
-                modules = {bits: (squeeze_module(q, bits, lin), q) for bits, q in by_bits.items()}
-                result[name] = modules
+                result[name] = {bits: (squeeze_module(q, bits, lin), q) for bits, q in by_bits.items()}
+                yield ProgressEvent("quantize", self.n_blocks - index - 1, self.n_blocks,
+                                    f"block {index + 1}: {name.rsplit('.', 1)[-1]} quantized ({by_bits[widths[0]].n_sparse} "
+                                    "sparse)", item=name)
         for key, value in timings.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + value
-        yield ProgressEvent("quantize", self.n_blocks - index - 1, self.n_blocks,
-                            f"k-means of block {index + 1}: {len(result)} matrices")
         return result
 
     def _write_block(self, index: int, block: nn.Module, quantized: dict, *, grads) -> None:

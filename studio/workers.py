@@ -68,7 +68,7 @@ class ProgressTracker:
     """Turns stage events into an overall fraction, given each stage's share of the work.
 
     stages: stage name -> weight, in the order the job runs them. Stages not listed count as zero
-    weight; a stage seen later in the order marks the earlier ones as finished.
+    weight; an earlier stage never seen (skipped) counts as finished once a later one reports.
     """
 
     def __init__(self, stages: dict[str, float] | None) -> None:
@@ -77,12 +77,17 @@ class ProgressTracker:
         self.weights = {name: weight / total for name, weight in (stages or {}).items()}
         self.started = time.perf_counter()
         self.overall = 0.0
+        self.fractions: dict[str, float] = {}
 
     def update(self, event: ProgressEvent) -> tuple[float, float | None]:
         if event.stage in self.weights:
-            index = self.order.index(event.stage)
-            before = sum(self.weights[name] for name in self.order[:index])
-            self.overall = max(self.overall, before + self.weights[event.stage] * event.fraction)
+            # Stages may interleave (a streaming run alternates sensitivity and k-means block by block):
+            # each keeps its own fraction; an earlier stage never seen was skipped and counts as done.
+            self.fractions[event.stage] = max(self.fractions.get(event.stage, 0.0), event.fraction)
+            for name in self.order[:self.order.index(event.stage)]:
+                self.fractions.setdefault(name, 1.0)
+            done = sum(self.weights[name] * fraction for name, fraction in self.fractions.items())
+            self.overall = max(self.overall, done)
         elif not self.weights:
             self.overall = event.fraction
         elapsed = time.perf_counter() - self.started

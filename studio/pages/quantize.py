@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.config import CalibrationConfig, QuantConfig
+from core.models import block_index
 from core.pipeline import QuantizeJob
 from studio.estimates import estimate_seconds
 from studio.format import human_bytes
@@ -37,8 +38,8 @@ from studio.widgets.progress_panel import JobProgressPanel, format_seconds
 from studio.widgets.quant_controls import QuantControls
 
 QUANTIZE_TITLE = "Quantizing"
-STAGE_LABELS = {"load": "Load", "fisher": "Sensitivity", "outliers": "Outliers", "quantize": "k-means + pack",
-                "allocate": "Mixed bits", "save": "Save", "reload": "Open result"}
+STAGE_LABELS = {"load": "Load", "forward": "Forward (outliers)", "backward": "Sensitivity",
+                "quantize": "k-means + pack", "allocate": "Mixed bits", "save": "Save", "reload": "Open result"}
 DEFAULT_OUTPUT_BASE = Path.home() / "squeeze-models"
 
 
@@ -259,16 +260,25 @@ class QuantizePage(Page):
                                on_result=lambda outcome: self._finished(job, outcome), on_end=self._ended)
 
     def _on_progress(self, progress) -> None:
+        """Rows follow the engine's named events: a block's sensitivity (its rows start working), each
+        matrix quantized (its row is done), a block written (all its rows done)."""
         event = progress.event
-        if progress.title != QUANTIZE_TITLE or event.stage != "quantize":
+        if progress.title != QUANTIZE_TITLE or not event.item or event.stage not in ("backward", "quantize"):
             return
-        for r in range(min(event.done, self.layers_table.rowCount())):
-            item = self.layers_table.item(r, 1)
-            if item is not None and item.text() != "done":
-                item.setText("done")
-        if event.done < self.layers_table.rowCount():
-            self.layers_table.item(event.done, 1).setText("working…")
-            self.layers_table.scrollToItem(self.layers_table.item(event.done, 0))
+        block = block_index(event.item)
+        whole_block = event.item.rsplit(".", 1)[-1].isdigit()
+        first = None
+        for r in range(self.layers_table.rowCount()):
+            name, status = self.layers_table.item(r, 0), self.layers_table.item(r, 1)
+            if name is None or status is None or block_index(name.text()) != block:
+                continue
+            if event.stage == "quantize" and (whole_block or name.text() == event.item):
+                status.setText("done")
+            elif status.text() != "done":
+                status.setText("working…")
+                first = first if first is not None else name
+        if first is not None:
+            self.layers_table.scrollToItem(first)
 
     def _finished(self, job: QuantizeJob, outcome: QuantizeOutcome) -> None:
         report = outcome.report

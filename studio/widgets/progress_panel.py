@@ -33,6 +33,7 @@ class JobProgressPanel(QWidget):
         super().__init__(parent)
         self.runner = runner
         self._watched: str | None = None
+        self._seen: set[str] = set()
         grid = QGridLayout()
         grid.setColumnStretch(1, 1)
         self.stage_bars: dict[str, QProgressBar] = {}
@@ -82,6 +83,7 @@ class JobProgressPanel(QWidget):
     def watch(self, title: str) -> None:
         """Follow the job ``title`` from now on (bars reset)."""
         self._watched = title
+        self._seen = set()
         for bar in [*self.stage_bars.values(), self.overall_bar]:
             bar.setValue(0)
         self.eta_label.setText("starting…")
@@ -100,8 +102,10 @@ class JobProgressPanel(QWidget):
             bar.setValue(int(1000 * event.fraction) if event.total else 0)
             if event.total:
                 bar.setFormat(f"{event.done}/{event.total}")
+            self._seen.add(event.stage)
             for stage in list(self.stage_bars)[:list(self.stage_bars).index(event.stage)]:
-                self.stage_bars[stage].setValue(1000)
+                if stage not in self._seen:  # skipped (e.g. a cached result); seen stages keep their own count
+                    self.stage_bars[stage].setValue(1000)
         self.overall_bar.setValue(int(1000 * progress.overall))
         self.eta_label.setText(f"about {format_seconds(progress.eta_seconds)} left"
                                if progress.eta_seconds is not None else "estimating the time left…")

@@ -256,3 +256,31 @@ def test_restart_starts_over_and_a_live_run_is_not_disturbed(deep_folder, tmp_pa
     staging = Staging(output, key, restart=True)
     assert staging.open()["blocks"] == {} and staging.resumed_blocks == 0
     staging.release()
+
+
+@pytest.mark.demo
+def test_demo_model_streams_to_the_whole_model_paths_perplexity(tmp_path):
+    """The real demo model, default settings on a few windows: the same perplexity both ways."""
+    from core.checkpoint import load_quantized
+    from core.data import calibration_windows, corpus_tokens, evaluation_windows
+    from core.evaluate import perplexity
+    from core.models import load_model
+    from core.quantize import quantize_model
+
+    calibration = CalibrationConfig(samples=2, seqlen=128)
+    config = QuantConfig(bits=3)
+    job = QuantizeJob(model="demo", output=tmp_path / "demo-3bit", config=config, calibration=calibration,
+                      device="cpu")
+    report = run_to_end(run_quantize_job(job))
+    whole = load_model("demo")
+    tokens = corpus_tokens(whole.tokenizer, "builtin")
+    windows = calibration_windows(tokens, calibration.samples, calibration.seqlen, calibration.seed)
+    fisher = run_to_end(compute_fisher(whole.model, windows, quantizable_linears(whole.model)))
+    whole_report = run_to_end(quantize_model(whole.model, config, fisher))
+    assert report.range_multiplier == pytest.approx(whole_report.range_multiplier)
+    assert report.sparse_percent == pytest.approx(whole_report.sparse_percent, rel=1e-3)
+    evaluation = evaluation_windows(tokens, 4, 256)
+    streamed = run_to_end(perplexity(load_quantized(tmp_path / "demo-3bit").model, evaluation)).perplexity
+    reference = run_to_end(perplexity(whole.model, evaluation)).perplexity
+    # the folder keeps the embedding/head in float16 (perplexity unchanged to ~1e-5); the rest is float noise
+    assert streamed == pytest.approx(reference, rel=2e-3)

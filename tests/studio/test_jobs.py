@@ -14,24 +14,15 @@ from tests.studio.helpers import open_model, small_calibration, wait_idle
 @pytest.fixture
 def slow_quantize(monkeypatch):
     """Make every quantized matrix take 0.2 s longer, so that a cancel lands mid-run for sure."""
-    import core.quantize
+    import core.stream_quantize
 
-    original = core.quantize.quantize_model
+    original = core.stream_quantize.quantize_matrix_widths
 
     def slow(*args, **kwargs):
-        gen = original(*args, **kwargs)
-        try:
-            while True:
-                event = next(gen)
-                if event.stage == "quantize":
-                    time.sleep(0.2)
-                yield event
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            gen.close()
+        time.sleep(0.2)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(core.quantize, "quantize_model", slow)
+    monkeypatch.setattr(core.stream_quantize, "quantize_matrix_widths", slow)
 
 
 def _start_quantize(qtbot, window, tiny_model_dir, corpus_file, output):

@@ -89,10 +89,14 @@ def test_progress_tracker_weights_stages_and_estimates_time():
     overall, eta = tracker.update(ProgressEvent("fisher", 1, 2))
     assert overall == pytest.approx(0.375)
     assert eta is not None and eta >= 0
-    overall, _ = tracker.update(ProgressEvent("quantize", 2, 4))
+    overall, _ = tracker.update(ProgressEvent("quantize", 2, 4))  # interleaved: each stage keeps its own share
+    assert overall == pytest.approx(0.375 + 0.125)
+    overall, _ = tracker.update(ProgressEvent("fisher", 2, 2))
     assert overall == pytest.approx(0.875)
     overall, _ = tracker.update(ProgressEvent("fisher", 0, 2))  # never goes backwards
     assert overall == pytest.approx(0.875)
+    skipped = ProgressTracker({"load": 1.0, "fisher": 2.0, "quantize": 1.0})
+    assert skipped.update(ProgressEvent("quantize", 1, 2))[0] == pytest.approx(0.875)  # load and fisher skipped
     assert ProgressTracker(None).update(ProgressEvent("any", 1, 4))[0] == pytest.approx(0.25)
 
 
