@@ -79,6 +79,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from core.memory_plan import available_memory, plan_for
     from core.models import load_model
     from core.preview import collect_stats, model_bytes, preview
     from core.sensitivity import load_cached_fisher, load_or_compute_fisher
@@ -92,8 +93,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     stats = drive(collect_stats(loaded.model, fisher), args.quiet)
     q_bytes, o_bytes = model_bytes(loaded.model)
     result = preview(stats, config, o_bytes, q_bytes + o_bytes)
+    plan = plan_for(loaded.model, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
     if args.json:
         print(json.dumps({"range_multiplier": result.range_multiplier, "sparse_percent": result.sparse_percent,
+                          "quantize_memory_bytes": plan.cpu_peak, "available_memory_bytes": available_memory(),
                           "bits_per_weight": result.bits_per_weight, "total_bytes": result.total_bytes,
                           "layers": [dict(layer.__dict__, shape=list(layer.shape)) for layer in result.layers]}))
         return 0
@@ -108,6 +111,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     width = f"{config.bits}-bit" if config.target_bits is None else f"mixed 3/4-bit (target {config.target_bits})"
     print(f"{width}: {result.bits_per_weight:.3f} bits per weight; model {format_bytes(result.total_bytes)} "
           f"(now {format_bytes(result.original_bytes)})")
+    print(f"quantizing {plan.describe()}; {format_bytes(available_memory())} free now (block inputs beyond "
+          "--cpu-memory go to disk)")
     return 0
 
 

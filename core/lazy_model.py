@@ -257,12 +257,6 @@ class LazyModel:
                 state[full] = self.tensor(full)
         return state
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.skeleton.parameters())
-
-    def block_parameter_count(self) -> int:
-        return max(sum(p.numel() for p in block.parameters()) for block in self.blocks)
-
 
 def _slice_dtype(name: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(

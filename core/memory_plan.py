@@ -122,19 +122,29 @@ def activation_budget(plan: MemoryPlan, cpu_memory: int | None = None, available
                     "(--device cuda), close other programs, or raise --cpu-memory if more is free")
 
 
-def plan_for(lazy, windows: int, seqlen: int, fisher: bool = True) -> MemoryPlan:
-    """``plan_memory`` for a ``core.lazy_model.LazyModel`` with every block input in RAM."""
+def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtype=None) -> MemoryPlan:
+    """``plan_memory`` for a causal LM with every block input in RAM.
+
+    model: a transformers model (loaded, or the meta skeleton of a ``core.lazy_model.LazyModel``) or
+    a LazyModel; compute_dtype: the dtype blocks compute in (default: the LazyModel's, else float32).
+    """
     import torch
 
-    config = lazy.config
+    from core.models import decoder_blocks
+
+    if hasattr(model, "skeleton"):
+        compute_dtype = compute_dtype or model.compute_dtype
+        model = model.skeleton
+    config = model.config
     text = getattr(config, "text_config", None) or config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "d_model", 0) or 1)
     intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "ffn_dim", 0) or 4 * hidden)
     heads = int(getattr(text, "num_attention_heads", 0) or 1)
-    block = lazy.blocks[0]
-    matrices = [m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    return plan_memory(parameters=lazy.parameter_count(), block_parameters=lazy.block_parameter_count(),
-                       largest_matrix=max(matrices), quantizable=sum(matrices) * len(lazy.blocks), hidden=hidden,
-                       intermediate=intermediate, heads=heads, n_blocks=len(lazy.blocks), windows=windows,
-                       seqlen=seqlen, compute_bytes=torch.empty(0, dtype=lazy.compute_dtype).element_size(),
-                       activation_budget=None, fisher=fisher)
+    blocks = decoder_blocks(model)
+    matrices = [m.weight.numel() for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    block_parameters = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    element = torch.empty(0, dtype=compute_dtype or torch.float32).element_size()
+    return plan_memory(parameters=sum(p.numel() for p in model.parameters()), block_parameters=block_parameters,
+                       largest_matrix=max(matrices), quantizable=sum(matrices) * len(blocks), hidden=hidden,
+                       intermediate=intermediate, heads=heads, n_blocks=len(blocks), windows=windows,
+                       seqlen=seqlen, compute_bytes=element, activation_budget=None, fisher=fisher)

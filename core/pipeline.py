@@ -72,7 +72,7 @@ def run_quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantRe
     Stages: "load", "plan", "forward", "backward" (sensitivity), "quantize", "allocate" (mixed
     precision), "save". A killed run continues from its last finished block when started again.
     """
-    from core.data import calibration_windows, corpus_tokens
+    from core.data import calibration_windows, check_window_fits, corpus_tokens
     from core.lazy_model import LazyModel, resolve_folder
     from core.memory_plan import activation_budget, plan_for
     from core.stream_quantize import StreamOptions, StreamQuantizer
@@ -120,16 +120,6 @@ def load_tokenizer(folder: Path):
     except Exception as exc:
         raise UserError(f"{folder}: its tokenizer does not load ({exc}): copy the tokenizer files "
                         "(tokenizer.json, tokenizer_config.json) of the original model into it") from exc
-
-
-def check_window_fits(config, seqlen: int) -> None:
-    """UserError when calibration windows are longer than the model's context."""
-    from core.data import model_context_length
-
-    context = model_context_length(config)
-    if context is not None and seqlen > context:
-        raise UserError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens: "
-                        f"use --seqlen {min(512, context)} or less")
 
 
 def check_gpu_memory(plan, device: torch.device, gpu_memory: int | None) -> None:

@@ -152,3 +152,37 @@ def load_or_compute_fisher(model: torch.nn.Module, tokenizer, calibration: Calib
     fisher = yield from compute_fisher(model, windows, linears)
     save_fisher(path, fisher, {"calibration": json.dumps(to_dict(calibration))})
     return fisher
+
+
+FISHER_CACHE_LIMIT_GB = 8.0  # larger Fishers (about 2 B quantizable weights and up) are not cached
+
+
+class BlockFisherCache:
+    """The Fisher of a streaming run, one safetensors file per decoder block, in the cache.
+
+    Keyed by the model folder's fingerprint (``core.lazy_model.folder_fingerprint``) and the
+    calibration setting; a later run with other quantization settings reads it instead of running
+    the calibration passes. Only models whose Fisher is at most ``$SQUEEZE_FISHER_CACHE_GB``
+    (default 8) GB are cached.
+    """
+
+    def __init__(self, fingerprint: str, calibration: CalibrationConfig, fisher_bytes: int) -> None:
+        from core.paths import cache_dir
+
+        key = fisher_cache_path(fingerprint, calibration, source_identity(calibration.source)).stem
+        self.folder = cache_dir() / "fisher" / f"{key}-blocks"
+        limit = float(os.environ.get("SQUEEZE_FISHER_CACHE_GB", FISHER_CACHE_LIMIT_GB))
+        self.enabled = fisher_bytes <= limit * 2**30
+
+    def _file(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def complete(self, n_blocks: int) -> bool:
+        return self.enabled and all(self._file(i).is_file() for i in range(n_blocks))
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(self._file(index))
+
+    def put(self, index: int, fisher: dict[str, torch.Tensor]) -> None:
+        if self.enabled:
+            save_fisher(self._file(index), fisher, {"block": str(index)})

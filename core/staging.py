@@ -34,16 +34,12 @@ def staging_path(output: Path) -> Path:
 
 def _owner_alive(text: str) -> bool:
     """True when ``host:pid`` names a live process on this host (another host's owner counts as alive)."""
+    from core.litter import pid_alive
+
     host, _, pid = text.strip().rpartition(":")
     if host != socket.gethostname():
         return True
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def _fsync_write(path: Path, data: bytes) -> None:

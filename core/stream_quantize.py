@@ -121,7 +121,20 @@ class StreamQuantizer:
             yield ProgressEvent("quantize", i + 1, self.n_blocks, f"round-to-nearest: block {i + 1}/{self.n_blocks}",
                                 item=self.lazy.block_name(i))
 
+    def _fisher_cache(self):
+        from core.config import CalibrationConfig, from_dict
+        from core.sensitivity import BlockFisherCache
+
+        calibration = from_dict(CalibrationConfig, self.settings["calibration"])
+        quantizable = sum(lin.weight.numel() for i in range(self.n_blocks)
+                          for lin in block_linears(self.lazy, i).values())
+        return BlockFisherCache(self.staging.key["model"], calibration, 4 * quantizable)
+
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
+        cache = self._fisher_cache()
+        if cache.complete(self.n_blocks):
+            yield from self._blocks_from_cached_fisher(cache)
+            return
         state = self.staging.state
         done = [int(i) for i in state["blocks"]]
         start = min(done) - 1 if done else self.n_blocks - 1  # the backward sweep goes down
@@ -151,6 +164,7 @@ class StreamQuantizer:
                 block = self.lazy.load_block(i, self.options.device)
                 try:
                     fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0)
+                    cache.put(i, fisher)
                     t0 = self._lap("backward", t0)
                     yield ProgressEvent("backward", self.n_blocks - i, self.n_blocks,
                                         f"sensitivity: block {i + 1} of {self.n_blocks} (last first)",
@@ -166,6 +180,36 @@ class StreamQuantizer:
             self.staging.discard_grads()
         finally:
             store.close()
+
+    def _blocks_from_cached_fisher(self, cache) -> Generator[ProgressEvent, None, None]:
+        """The same run with every block's Fisher from the cache: no calibration passes."""
+        state = self.staging.state
+        t0 = time.perf_counter()
+        if "outliers" not in state:
+            stats: dict = {}
+            for i in range(self.n_blocks):
+                block = self.lazy.load_block(i, "cpu")
+                try:
+                    self._condense(i, stats)
+                finally:
+                    self.lazy.release(block)
+                yield ProgressEvent("forward", i + 1, self.n_blocks, f"outlier statistics: block {i + 1}")
+            state["outliers"] = self._thresholds(stats)
+            self.staging.save_state()
+        t0 = self._lap("forward", t0)
+        yield ProgressEvent("backward", self.n_blocks, self.n_blocks, "sensitivity: from the cache")
+        for i in range(self.n_blocks - 1, -1, -1):
+            if self.staging.block_done(i):
+                continue
+            block = self.lazy.load_block(i, self.options.device)
+            try:
+                quantized = yield from self._quantize_block(i, cache.get(i))
+                self._write_block(i, block, quantized, grads=None)
+            finally:
+                self.lazy.release(block)
+            t0 = self._lap("quantize", t0)
+            yield ProgressEvent("quantize", self.n_blocks - i, self.n_blocks,
+                                f"quantized block {i + 1} of {self.n_blocks}", item=self.lazy.block_name(i))
 
     # ------------------------------------------------------------------ outliers
 

@@ -228,12 +228,24 @@ class QuantizePage(Page):
         steps = [f"{len(info.layers)} matrices of {info.name} to {width} ({config.method})"]
         if config.method == "squeezellm":
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
+        steps.append(self._memory_line(config, calibration))
         steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
         total = sum(seconds.values())
         detail = ", ".join(f"{k} {format_seconds(v)}" for k, v in seconds.items() if v >= 1)
         rough = "under a minute" if total < 60 else format_seconds(total)
         self.summary_label.setText("<br>".join(f"• {s}" for s in steps) +
                                    f"<br><b>Rough time: {rough}</b>{f' ({detail})' if detail and total >= 60 else ''}")
+
+    def _memory_line(self, config: QuantConfig, calibration: CalibrationConfig) -> str:
+        """What the streaming run will hold at its peak, against what is free now."""
+        from core.memory_plan import available_memory, plan_for
+
+        model = self.session.model
+        plan = plan_for(model.model, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
+        free = available_memory()
+        spill = "" if plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
+        return (f"one block at a time: {plan.describe().replace('needs about', 'about', 1)}; "
+                f"{human_bytes(free)} free now{spill}")
 
     # ------------------------------------------------------------ the run
 

@@ -27,6 +27,12 @@ from core.sensitivity import compute_fisher
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def no_fisher_cache(monkeypatch):
+    """Every run here computes its Fisher (a cached one would skip the passes under test)."""
+    monkeypatch.setenv("SQUEEZE_FISHER_CACHE_GB", "0")
+
+
 def _save(model, folder: Path, tokenizer=None) -> Path:
     model.save_pretrained(folder)
     if tokenizer is not None:
@@ -146,6 +152,22 @@ def test_large_folders_are_sharded_with_an_index_and_load(tiny_folder, tmp_path,
     assert torch.allclose(hf(ids).logits, a, atol=1e-5)
 
 
+def test_a_second_run_reads_the_fisher_from_the_cache(tiny_folder, tmp_path, monkeypatch):
+    computed = _quantize(tiny_folder, tmp_path / "computed", QuantConfig(bits=4))
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SQUEEZE_FISHER_CACHE_GB", "8")
+    _quantize(tiny_folder, tmp_path / "first", QuantConfig(bits=3))
+    assert len(list((tmp_path / "cache" / "fisher").glob("*-blocks/block-*.safetensors"))) == 4
+    events = []
+    job = QuantizeJob(model=str(tiny_folder), output=tmp_path / "cached", config=QuantConfig(bits=4), calibration=CAL,
+                      device="cpu")
+    run_to_end(run_quantize_job(job), events.append)
+    assert any(e.message == "sensitivity: from the cache" for e in events)
+    assert not any(e.stage == "backward" and "block" in e.message for e in events)
+    assert computed.bits_per_weight > 0
+    assert_same_folder(tmp_path / "computed", tmp_path / "cached")
+
+
 def test_not_enough_memory_is_refused_with_the_fix(tiny_folder, tmp_path, monkeypatch):
     import core.memory_plan as mp
 
@@ -191,7 +213,7 @@ def _cli(folder: Path, output: Path, *extra: str) -> list[str]:
 
 
 def _env(cache: Path) -> dict:
-    return {**os.environ, "SQUEEZE_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "SQUEEZE_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "SQUEEZE_FISHER_CACHE_GB": "0"}
 
 
 @pytest.fixture
