@@ -18,6 +18,7 @@ from core.progress import ProgressEvent
 T = TypeVar("T")
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
+NOTICE_STAGES = ("plan", "resume")  # events printed as one full line even with --quiet
 
 
 def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
@@ -31,6 +32,9 @@ def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
                 event = next(gen)
             except StopIteration as stop:
                 return stop.value
+            if event.stage in NOTICE_STAGES:  # a line to read in full (the memory plan), not a bar
+                tqdm.write(f"squeeze: {event.message}", file=sys.stderr)
+                continue
             if quiet:
                 continue
             if event.stage != stage or bar is None:

@@ -248,12 +248,13 @@ class LazyModel:
             for i, block in enumerate(saved):
                 block_list[i] = block
 
-    def stored_state(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-        """name -> stored tensor (stored dtype) of every parameter of ``module`` that the checkpoint has."""
+    def stored_state(self, module: nn.Module, prefix: str, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """name -> stored tensor (stored dtype) of every parameter of ``module`` that the checkpoint has,
+        except those of the submodules named in ``skip`` (full names; they are not read)."""
         state = {}
         for name, _ in module.named_parameters(remove_duplicate=True):
             full = f"{prefix}.{name}" if prefix else name
-            if self.has(full):
+            if full.rsplit(".", 1)[0] not in skip and self.has(full):
                 state[full] = self.tensor(full)
         return state
 

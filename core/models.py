@@ -11,8 +11,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +20,6 @@ from torch import nn
 
 from core.errors import (UnsupportedModelError, UserError, describe_memory_error, is_pickle_refusal,
                          quote_error)
-from core.paths import cache_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -64,47 +61,24 @@ def demo_gguf_path() -> Path:
 
 
 def demo_model_dir() -> Path:
-    """The demo model as a plain safetensors folder, converted from GGUF once and cached.
+    """The demo model as a plain safetensors folder, converted from its GGUF once and cached.
 
-    The cache is keyed by the transformers version because folders written by 5.x do not load
-    correctly in 4.x. The folder is written elsewhere and renamed into place, so a crash never
-    leaves a half-written model behind.
+    Converted tensor by tensor (``core.gguf_convert``) and stored in float32, so its weights equal
+    transformers' whole-model GGUF load in float32 bit for bit. The cache is keyed by the file and the
+    transformers version (folders written by 5.x do not load correctly in 4.x); the folder is written
+    elsewhere and renamed into place, so a crash never leaves a half-written model behind.
     """
-    import transformers
+    from core.gguf_convert import gguf_folder
 
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-tf{transformers.__version__}"
-    if (target / "config.json").is_file():
-        return target
-    gguf = demo_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model, tokenizer = _load_gguf(gguf)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished first (target exists and is not empty): use theirs.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return gguf_folder(demo_gguf_path(), dtype=torch.float32)
 
 
-def _load_gguf(gguf: Path):
-    """(model fp32 eval, tokenizer) from a GGUF file; the weights are dequantized to dense fp32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> Path:
+    """The cached safetensors folder of GGUF file ``gguf``, its weights stored in ``dtype`` when that is
+    float32, float16 or bfloat16 (else float16, or bfloat16 for a BF16 file); F32 tensors stay float32."""
+    from core.gguf_convert import STORABLE, gguf_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        # The weights are dense now; transformers 5 would otherwise refuse save_pretrained.
-        quantizer.remove_quantization_config(model)
-    return model.eval(), tokenizer
+    return gguf_folder(gguf, dtype=dtype if dtype in STORABLE else None)
 
 
 # ---------------------------------------------------------------- load_model
@@ -239,7 +213,8 @@ def _first_line(exc: BaseException) -> str:
     return quote_error(exc, 300)  # one line, never torch's advice to turn weights_only off
 
 
-def _load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+def check_gguf_magic(path: Path) -> None:
+    """UserError unless ``path`` starts like a GGUF file."""
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
@@ -248,15 +223,22 @@ def _load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
                             "corrupt or renamed; download it again")
         raise UserError(f"{path} is a file, not a model: give the folder that holds config.json and the "
                         "weights, or a .gguf file")
+
+
+def _load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+    check_gguf_magic(path)
     try:
-        model, tokenizer = _load_gguf(path)
+        folder = _load_gguf(path, dtype)
+    except UserError:
+        raise  # it says what is wrong: a damaged file, an architecture with no mapping...
     except Exception as exc:
         if describe_memory_error(exc) is not None:
             raise _load_error(path, exc) from exc
         raise UserError(f"{path}: this GGUF file does not load ({type(exc).__name__}: {_first_line(exc)}): "
                         "it is truncated, or its architecture or quantization type is not supported by "
                         "transformers' GGUF reader; try the model's safetensors folder instead") from exc
-    return LoadedModel(model.to(device=device, dtype=dtype).eval(), tokenizer, str(path), path.stem)
+    loaded = _load_folder(folder, dtype, device)
+    return LoadedModel(loaded.model, loaded.tokenizer, str(path), path.stem, loaded.quantized)
 
 
 def _hub_offline() -> bool:

@@ -266,8 +266,7 @@ class StreamQuantizer:
     def _write_block(self, index: int, block: nn.Module, quantized: dict, *, grads) -> None:
         """Pack block ``index``: every projection's chosen parts, the block's other tensors as stored."""
         prefix = self.lazy.block_name(index)
-        tensors = {name: t for name, t in self.lazy.stored_state(block, prefix).items()
-                   if name.rsplit(".", 1)[0] not in quantized}
+        tensors = self.lazy.stored_state(block, prefix, skip=set(quantized))
         layers, modules, candidates = [], {}, {}
         for name, parts in quantized.items():
             if not isinstance(parts, dict):  # a baseline module
