@@ -32,7 +32,6 @@ QUANT_METHOD = "squeezellm"
 EMBEDDINGS_DTYPE = "embeddings_dtype"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"  # a sharded folder (large models)
 
 
 def module_layout(model: torch.nn.Module) -> dict[str, dict]:
@@ -193,28 +192,19 @@ def build_quantized_module(info: dict) -> torch.nn.Module:
     raise UserError(f"unknown quantized layer type {kind!r}: upgrade squeeze-studio to load this folder")
 
 
-def weight_file_names(folder: Path) -> list[str]:
-    """The safetensors files of a quantized folder: ``model.safetensors`` or the shards its index names."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{index} is corrupt ({exc}): quantize the model again") from exc
-    return [WEIGHTS_FILE]
-
-
 def read_weights(folder: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a quantized folder (one file or shards). UserError for a missing or corrupt file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from core.folder_check import weight_files
+
     state: dict[str, torch.Tensor] = {}
-    for name in weight_file_names(folder):
+    for path in weight_files(folder):
         try:
-            state.update(load_file(folder / name, device=device))
+            state.update(load_file(path, device=device))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{folder / name} is missing or corrupt ({exc}): quantize the model again") from exc
+            raise UserError(f"{path} is missing or corrupt ({exc}): quantize the model again") from exc
     return state
 
 

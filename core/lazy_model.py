@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.folder_check import INDEX_FILE
 from core.progress import ProgressEvent
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 def weight_files(folder: Path) -> dict[str, Path]:

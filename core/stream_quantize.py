@@ -27,7 +27,8 @@ from torch import nn
 from core.activation_store import ActivationStore
 from core.block_pass import BlockMajorPass, block_linears
 from core.config import MIXED_BITS, QuantConfig
-from core.lazy_model import INDEX_FILE, SINGLE_FILE, LazyModel
+from core.folder_check import INDEX_FILE, SINGLE_FILE
+from core.lazy_model import LazyModel
 from core.outliers import OutlierStats, iqr_threshold, quartiles, solve_range_multiplier
 from core.progress import ProgressEvent
 from core.quantize import LayerReport, QuantReport, per_matrix, quantize_matrix_widths, squeeze_module
@@ -138,7 +139,13 @@ class StreamQuantizer:
         state = self.staging.state
         done = [int(i) for i in state["blocks"]]
         start = min(done) - 1 if done else self.n_blocks - 1  # the backward sweep goes down
-        spill = self.options.offload_dir or self.staging.path / "activations"
+        spill = self.staging.path / "activations"
+        if self.options.offload_dir is not None:  # a folder others may use too: a name of this run's own
+            from core.litter import sweep, temp_path
+
+            self.options.offload_dir.mkdir(parents=True, exist_ok=True)
+            sweep(self.options.offload_dir)
+            spill = temp_path(self.options.offload_dir / "squeeze-activations")
         store = ActivationStore(self.options.activation_budget, spill)
         passer = BlockMajorPass(self.lazy, self.windows, self.options.device, store)
         try:

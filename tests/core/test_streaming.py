@@ -189,11 +189,17 @@ def test_memory_budget_spills_block_inputs_and_gives_the_same_folder(tiny_folder
 
     plan = mp.plan_for(_L.open(tiny_folder), CAL.samples, CAL.seqlen)
     base = plan.cpu_peak - plan.activations_in_ram
+    offload = tmp_path / "offload"
+    dead = offload / ".squeeze-activations.otherhost-1.partial"  # another machine's: never touched
+    dead.mkdir(parents=True)
     job = QuantizeJob(model=str(tiny_folder), output=tmp_path / "disk", config=QuantConfig(bits=3), calibration=CAL,
-                      device="cpu", cpu_memory=base + 1)
-    events = []
-    run_to_end(run_quantize_job(job), events.append)
-    assert any("go to disk" in e.message for e in events)
+                      device="cpu", cpu_memory=base + 1, offload_dir=offload)
+    events, spilled = [], []
+    for event in run_quantize_job(job):
+        events.append(event)
+        spilled += [p for p in offload.glob(f".squeeze-activations.*-{os.getpid()}.partial/*.safetensors")]
+    assert any("go to disk" in e.message for e in events) and spilled
+    assert sorted(offload.iterdir()) == [dead], "this run's activations are gone once it ends"
     assert_same_folder(tmp_path / "ram", tmp_path / "disk")
 
 
@@ -216,14 +222,22 @@ def _env(cache: Path) -> dict:
     return {**os.environ, "SQUEEZE_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "SQUEEZE_FISHER_CACHE_GB": "0"}
 
 
-@pytest.fixture
-def deep_folder(tmp_path, demo_tokenizer):
+@pytest.fixture(scope="module")
+def deep_folder(tmp_path_factory, demo_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(demo_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return _save(LlamaForCausalLM(config).eval(), tmp_path / "deep", demo_tokenizer)
+    return _save(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("deep") / "deep", demo_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deep_folder, tmp_path_factory):
+    """The folder an uninterrupted run of the command writes."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_cli(deep_folder, root / "whole"), env=_env(root / "cache"), check=True, timeout=600)
+    return root / "whole"
 
 
 def _kill_when(process: subprocess.Popen, state: Path, blocks: int, delay: float) -> int:
@@ -244,9 +258,8 @@ def _kill_when(process: subprocess.Popen, state: Path, blocks: int, delay: float
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.15], ids=["at-a-block-boundary", "mid-block"])
-def test_a_killed_run_resumes_to_a_bit_identical_folder(deep_folder, tmp_path, delay):
+def test_a_killed_run_resumes_to_a_bit_identical_folder(deep_folder, uninterrupted, tmp_path, delay):
     cache = tmp_path / "cache"
-    subprocess.run(_cli(deep_folder, tmp_path / "whole"), env=_env(cache), check=True, timeout=600)
     output = tmp_path / "resumed"
     run = subprocess.Popen(_cli(deep_folder, output), env=_env(cache))
     done = _kill_when(run, tmp_path / ".resumed.partial" / "state.json", 3, delay)
@@ -254,7 +267,7 @@ def test_a_killed_run_resumes_to_a_bit_identical_folder(deep_folder, tmp_path, d
     assert not output.exists() and (tmp_path / ".resumed.partial").is_dir()
     again = subprocess.run(_cli(deep_folder, output), env=_env(cache), timeout=600, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    assert_same_folder(tmp_path / "whole", output)
+    assert_same_folder(uninterrupted, output)
     assert not (tmp_path / ".resumed.partial").exists(), "the staging folder is gone once the output is in place"
 
 
