@@ -6,16 +6,12 @@ sweep then quantizes each block as soon as its Fisher is complete and writes its
 into the staging folder (``core.staging``), freeing the block and its Fisher. Mixed precision keeps
 both widths of each matrix in a candidate file and only their errors in memory; the widths are
 allocated when every block is done. The baselines (rtn, rtn-g128) need no Fisher and go block by
-block directly. ``finish`` writes the non-block tensors, config.json, the tokenizer and one
-``model.safetensors`` (or shards with an index when large) and renames the folder into place.
+block directly. ``core.folder_writer`` then assembles the folder and renames it into place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -27,15 +23,13 @@ from torch import nn
 from core.activation_store import ActivationStore
 from core.block_pass import BlockMajorPass, block_linears
 from core.config import MIXED_BITS, QuantConfig
-from core.folder_check import INDEX_FILE, SINGLE_FILE
+from core.folder_writer import write_folder
 from core.lazy_model import LazyModel
 from core.outliers import OutlierStats, iqr_threshold, quartiles, solve_range_multiplier
 from core.progress import ProgressEvent
 from core.quantize import LayerReport, QuantReport, per_matrix, quantize_matrix_widths, squeeze_module
 from core.staging import Staging, save_tensors_atomic
 
-MERGE_LIMIT = 2 << 30  # folders up to this size keep today's single model.safetensors
-_FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,8 @@ class StreamQuantizer:
                 yield from self._allocate()
             report = self._report()
             t0 = time.perf_counter()
-            yield from self._finish(report, overwrite)
+            yield from write_folder(self.lazy, self.tokenizer, self.staging, self.settings, report, self.output,
+                                    overwrite)
             self.seconds["save"] = self.seconds.get("save", 0.0) + time.perf_counter() - t0
         except (GeneratorExit, KeyboardInterrupt):
             self.staging.release(keep=bool(self.staging.state["blocks"]))  # cancelled: finished blocks stay
@@ -349,97 +344,6 @@ class StreamQuantizer:
         multiplier = (self.staging.state.get("outliers") or {}).get("multiplier")
         return QuantReport(to_dict(self.config), multiplier, tuple(layers), n_weights, n_bytes, dict(self.seconds))
 
-    def _finish(self, report: QuantReport, overwrite: bool) -> Generator[ProgressEvent, None, None]:
-        from core.checkpoint import EMBEDDINGS_DTYPE, FORMAT_VERSION, QUANT_METHOD, _move_into_place, bits_overrides
-
-        yield ProgressEvent("save", 0, 3, "saving: embedding, head and config")
-        final = self.staging.path / "final"
-        shutil.rmtree(final, ignore_errors=True)
-        final.mkdir()
-        rest, halved = self._outside_tensors()
-        layout = {}
-        for index in range(self.n_blocks):
-            layout.update(self.staging.state["blocks"][str(index)]["modules"])
-        settings = {**self.settings, "range_multiplier": report.range_multiplier,
-                    "bits_per_weight": report.bits_per_weight, "sparse_percent": report.sparse_percent}
-        overrides = bits_overrides(layout, settings["config"].get("bits"))
-        config = _fresh_config(self.lazy.folder)
-        config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **settings,
-                                         **({"bits_overrides": overrides} if overrides else {}), "modules": layout}
-        if halved:
-            config["quantization_config"][EMBEDDINGS_DTYPE] = "float16"
-        (final / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        generation = self.lazy.folder / "generation_config.json"
-        if generation.is_file():
-            shutil.copyfile(generation, final / "generation_config.json")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(final)
-        yield ProgressEvent("save", 1, 3, "saving: weights")
-        self._write_weights(final, rest)
-        yield ProgressEvent("save", 2, 3, "saving: moving into place")
-        from core.checkpoint import _check_output
-
-        _check_output(self.output, overwrite)
-        final.chmod(0o755)
-        _move_into_place(final, self.output)
-        shutil.rmtree(self.staging.path, ignore_errors=True)
-        yield ProgressEvent("save", 3, 3, f"saved {self.output}")
-
-    def _outside_tensors(self) -> tuple[dict[str, torch.Tensor], bool]:
-        """Stored tensors outside the blocks (a tied pair once), embedding/head halved for float32 models."""
-        skeleton = self.lazy.skeleton
-        seen, rest = set(), {}
-        for name, param in skeleton.named_parameters():
-            if name.startswith(self.lazy.block_prefix + ".") or id(param) in seen:
-                continue
-            seen.add(id(param))
-            if self.lazy.has(name):
-                rest[name] = self.lazy.tensor(name)
-        embedding, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
-        names = {id(p): n for n, p in skeleton.named_parameters()}
-        emb_name = names.get(id(embedding.weight))
-        head_name = names.get(id(head.weight)) if head is not None else None
-        if self.lazy.stored_dtype != torch.float32 or type(embedding) is not nn.Embedding or emb_name not in rest:
-            return rest, False
-        targets = [emb_name] + ([head_name] if head_name and head_name != emb_name else [])
-        if head is not None and head_name != emb_name and type(head) is not nn.Linear:
-            targets = [emb_name]
-        if any(float(rest[n].abs().max()) > _FP16_MAX for n in targets):
-            return rest, False
-        for n in targets:
-            rest[n] = rest[n].to(torch.float16)
-        return rest, True
-
-    def _write_weights(self, final: Path, rest: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import load_file, save_file
-
-        files = [self.staging.block_file(i) for i in range(self.n_blocks)]
-        total = sum(f.stat().st_size for f in files) + sum(t.numel() * t.element_size() for t in rest.values())
-        if total <= MERGE_LIMIT:
-            state = dict(rest)
-            for file in files:
-                state.update(load_file(file))
-            save_file(state, final / SINGLE_FILE, metadata={"format": "pt"})
-            return
-        n = len(files) + 1
-        weight_map = {}
-        for k, file in enumerate(files, start=1):
-            shard = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.link(file, final / shard) if _same_device(file, final) else shutil.copyfile(file, final / shard)
-            from safetensors import safe_open
-
-            with safe_open(final / shard, framework="pt") as handle:
-                weight_map.update({key: shard for key in handle.keys()})
-        last = f"model-{n:05d}-of-{n:05d}.safetensors"
-        save_file(rest, final / last, metadata={"format": "pt"})
-        weight_map.update({key: last for key in rest})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (final / INDEX_FILE).write_text(json.dumps(index, indent=2))
-
-
-def _same_device(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
-
 
 def _layer_record(name: str, module: nn.Module, q) -> dict:
     """JSON-ready LayerReport fields plus the packed bytes of ``module`` (q: QuantizedMatrix or None)."""
@@ -447,10 +351,3 @@ def _layer_record(name: str, module: nn.Module, q) -> dict:
             "outliers": q.n_outliers if q is not None else 0, "sparse": q.n_sparse if q is not None else 0,
             "weighted_error": q.weighted_error if q is not None else 0.0,
             "relative_error": q.relative_error if q is not None else 0.0, "bytes": int(module.storage_bytes())}
-
-
-def _fresh_config(folder: Path) -> dict:
-    """The source's config as transformers writes it (read anew: building the skeleton may edit it)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder).to_dict()

@@ -130,7 +130,7 @@ def test_mixed_precision_and_baselines_stream(tiny_folder, tmp_path):
 
 
 def test_large_folders_are_sharded_with_an_index_and_load(tiny_folder, tmp_path, monkeypatch):
-    import core.stream_quantize as sq
+    import core.folder_writer as sq
     from core.checkpoint import load_quantized
 
     monkeypatch.setattr(sq, "MERGE_LIMIT", 1)
