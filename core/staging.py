@@ -140,6 +140,7 @@ def sweep_stale_staging(parent: Path, keep: Path) -> None:
         owner = folder / OWNER_FILE
         if not folder.is_dir() or (owner.is_file() and _owner_alive(owner.read_text())):
             continue
+        age = time.time() - folder.stat().st_mtime  # before the sweep below touches it
         shutil.rmtree(folder / "activations", ignore_errors=True)
-        if folder != keep and time.time() - folder.stat().st_mtime > STALE_SECONDS:
+        if folder != keep and age > STALE_SECONDS:
             shutil.rmtree(folder, ignore_errors=True)

@@ -319,3 +319,26 @@ def test_demo_model_streams_to_the_whole_model_paths_perplexity(tmp_path):
     reference = run_to_end(perplexity(whole.model, evaluation)).perplexity
     # the folder keeps the embedding/head in float16 (perplexity unchanged to ~1e-5); the rest is float noise
     assert streamed == pytest.approx(reference, rel=2e-3)
+
+
+def test_dead_runs_staging_is_swept_but_a_resumable_one_is_kept(tmp_path):
+    import socket
+
+    from core.staging import STALE_SECONDS, sweep_stale_staging
+
+    def staging(name: str, pid: int, age: float) -> Path:
+        folder = tmp_path / f".{name}.partial"
+        (folder / "activations").mkdir(parents=True)
+        (folder / "owner").write_text(f"{socket.gethostname()}:{pid}")
+        os.utime(folder, (time.time() - age, time.time() - age))
+        return folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    old = staging("old", dead_pid, STALE_SECONDS + 60)
+    recent = staging("recent", dead_pid, 60)
+    live = staging("live", os.getpid(), STALE_SECONDS + 60)
+    sweep_stale_staging(tmp_path, keep=tmp_path / ".other.partial")
+    assert not old.exists(), "an abandoned run of another output, a week old, is removed"
+    assert recent.is_dir() and not (recent / "activations").exists(), "a recent one stays resumable, minus its spill"
+    assert (live / "activations").is_dir(), "a live run is never touched"
