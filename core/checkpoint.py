@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Generator
 from pathlib import Path
 
@@ -111,10 +110,14 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
     """
     from safetensors.torch import save_file
 
+    from core.litter import sweep, temp_path
+
     output = Path(output).expanduser().resolve()
     _check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    sweep(output.parent)  # what killed saves left behind
+    tmp = temp_path(output)  # made with mkdir: the user's normal permissions (mkdtemp's are 0700)
+    tmp.mkdir()
     try:
         yield ProgressEvent("save", 0, 3, "saving: tensors")
         halved = half_embeddings and halve_embeddings(model)

@@ -65,7 +65,6 @@ def write_folder(lazy: LazyModel, tokenizer, staging: Staging, settings: dict, r
     _write_weights(final, staging, len(lazy.blocks), rest)
     yield ProgressEvent("save", 2, 3, "saving: moving into place")
     _check_output(output, overwrite)
-    final.chmod(0o755)
     _move_into_place(final, output)
     shutil.rmtree(staging.path, ignore_errors=True)
     yield ProgressEvent("save", 3, 3, f"saved {output}")

@@ -110,7 +110,6 @@ def convert_gguf(path: Path, target: Path, *, dtype: torch.dtype | None = None
     staging.mkdir()
     writer = None
     try:
-        staging.chmod(0o755)  # an ordinary folder, whatever the umask
         writer = ShardWriter(staging, max_shard_bytes=SHARD_BYTES)
         written: set[str] = set()
         total = len(reader.tensors)

@@ -81,7 +81,6 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
             state = {"key": self.key, "blocks": {}}
         self.path.mkdir(parents=True, exist_ok=True)
-        self.path.chmod(0o755)
         _fsync_write(owner, f"{socket.gethostname()}:{os.getpid()}".encode())
         for leftover in self.path.glob("*.tmp"):
             leftover.unlink(missing_ok=True)

@@ -342,3 +342,28 @@ def test_dead_runs_staging_is_swept_but_a_resumable_one_is_kept(tmp_path):
     assert not old.exists(), "an abandoned run of another output, a week old, is removed"
     assert recent.is_dir() and not (recent / "activations").exists(), "a recent one stays resumable, minus its spill"
     assert (live / "activations").is_dir(), "a live run is never touched"
+
+
+def _normal_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def test_quantized_folders_get_the_users_normal_permissions(tiny_folder, tmp_path, quantized_model_and_tokenizer):
+    from core.checkpoint import save_quantized
+
+    _quantize(tiny_folder, tmp_path / "streamed", QuantConfig(bits=4, method="rtn"))
+    model, tokenizer = quantized_model_and_tokenizer
+    run_to_end(save_quantized(model, tokenizer, tmp_path / "saved", {}))
+    for folder in (tmp_path / "streamed", tmp_path / "saved"):
+        assert folder.stat().st_mode & 0o777 == _normal_mode(), folder  # mkdtemp made them 0700
+
+
+@pytest.fixture
+def quantized_model_and_tokenizer(demo_tokenizer):
+    from core.quantize import quantize_model
+
+    model = build_tiny_model("llama")
+    run_to_end(quantize_model(model, QuantConfig(bits=4), None))
+    return model, demo_tokenizer
