@@ -64,6 +64,7 @@ class StreamQuantizer:
                                restart=options.restart)
         self.seconds: dict[str, float] = {}
         self.n_blocks = len(lazy.blocks)
+        self.refined: dict[tuple[str, int], object] = {}  # (name, bits) -> core.refine.RefineStats until written
 
     # ------------------------------------------------------------------ the run
 
@@ -126,10 +127,21 @@ class StreamQuantizer:
                           for lin in block_linears(self.lazy, i).values())
         return BlockFisherCache(self.staging.key["model"], calibration, 4 * quantizable)
 
+    def _hessian_cache(self):
+        """The cache of refinement's gradient-weighted Hessians (None when refinement is off)."""
+        if not self.config.refine:
+            return None
+        from core.config import CalibrationConfig, from_dict
+        from core.sensitivity import BlockFisherCache
+
+        calibration = from_dict(CalibrationConfig, self.settings["calibration"])
+        size = sum(lin.in_features ** 2 for i in range(self.n_blocks) for lin in block_linears(self.lazy, i).values())
+        return BlockFisherCache(self.staging.key["model"], calibration, 4 * size, kind="hessians")
+
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
-        cache = self._fisher_cache()
-        if cache.complete(self.n_blocks):
-            yield from self._blocks_from_cached_fisher(cache)
+        cache, hcache = self._fisher_cache(), self._hessian_cache()
+        if cache.complete(self.n_blocks) and (hcache is None or hcache.complete(self.n_blocks)):
+            yield from self._blocks_from_cached_fisher(cache, hcache)
             return
         state = self.staging.state
         done = [int(i) for i in state["blocks"]]
@@ -150,8 +162,10 @@ class StreamQuantizer:
             need_stats = "outliers" not in state
             upto = self.n_blocks if not done else start
             yield ProgressEvent("forward", 0, upto, f"forward: {self.windows.shape[0]} windows through {upto} blocks")
+            condensing = self.seconds.get("outliers", 0.0)
             yield from passer.forward_sweep(upto, (lambda i, b: self._condense(i, stats)) if need_stats else None)
             t0 = self._lap("forward", t0)
+            self.seconds["forward"] -= self.seconds.get("outliers", 0.0) - condensing  # counted as "outliers"
             if need_stats:
                 state["outliers"] = self._thresholds(stats)
                 self.staging.save_state()
@@ -165,14 +179,17 @@ class StreamQuantizer:
             for i in range(start, -1, -1):
                 block = self.lazy.load_block(i, self.options.device)
                 try:
-                    fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0)
+                    hessians = {} if hcache is not None else None
+                    fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0, hessians=hessians)
                     cache.put(i, fisher)
+                    if hcache is not None:
+                        hcache.put(i, hessians)
                     t0 = self._lap("backward", t0)
                     yield ProgressEvent("backward", self.n_blocks - i, self.n_blocks,
                                         f"sensitivity: block {i + 1} of {self.n_blocks} (last first)",
                                         item=self.lazy.block_name(i))
-                    quantized = yield from self._quantize_block(i, fisher)
-                    del fisher
+                    quantized = yield from self._quantize_block(i, fisher, hessians)
+                    del fisher, hessians
                     self._write_block(i, block, quantized, grads=grads if i > 0 else None)
                 finally:
                     self.lazy.release(block)
@@ -183,7 +200,7 @@ class StreamQuantizer:
         finally:
             store.close()
 
-    def _blocks_from_cached_fisher(self, cache) -> Generator[ProgressEvent, None, None]:
+    def _blocks_from_cached_fisher(self, cache, hcache=None) -> Generator[ProgressEvent, None, None]:
         """The same run with every block's Fisher from the cache: no calibration passes."""
         state = self.staging.state
         t0 = time.perf_counter()
@@ -198,14 +215,14 @@ class StreamQuantizer:
                 yield ProgressEvent("forward", i + 1, self.n_blocks, f"outlier statistics: block {i + 1}")
             state["outliers"] = self._thresholds(stats)
             self.staging.save_state()
-        t0 = self._lap("forward", t0)
+        t0 = time.perf_counter()
         yield ProgressEvent("backward", self.n_blocks, self.n_blocks, "sensitivity: from the cache")
         for i in range(self.n_blocks - 1, -1, -1):
             if self.staging.block_done(i):
                 continue
             block = self.lazy.load_block(i, self.options.device)
             try:
-                quantized = yield from self._quantize_block(i, cache.get(i))
+                quantized = yield from self._quantize_block(i, cache.get(i), hcache.get(i) if hcache else None)
                 self._write_block(i, block, quantized, grads=None)
             finally:
                 self.lazy.release(block)
@@ -240,9 +257,13 @@ class StreamQuantizer:
 
     # ------------------------------------------------------------------ one block
 
-    def _quantize_block(self, index: int, fisher: dict[str, torch.Tensor]
+    def _quantize_block(self, index: int, fisher: dict[str, torch.Tensor],
+                        hessians: dict[str, torch.Tensor] | None = None
                         ) -> Generator[ProgressEvent, None, dict[str, tuple]]:
-        """name -> (module or {bits: module}, weighted errors) for every projection of block ``index``."""
+        """name -> (module or {bits: module}, weighted errors) for every projection of block ``index``.
+
+        hessians: name -> float32 [in, in] when refinement is on (core.refine runs after k-means).
+        """
         config = self.config
         thresholds = self.staging.state["outliers"]["thresholds"]
         widths = MIXED_BITS if config.target_bits is not None else (config.bits,)
@@ -250,9 +271,14 @@ class StreamQuantizer:
         timings: dict[str, float] = {}
 
         def job(name: str, lin: nn.Linear, target: torch.device):
-            return quantize_matrix_widths(lin.weight.to(target), fisher[name].to(target), widths,
-                                          threshold=thresholds.get(name), sensitivity_percent=config.sensitivity_percent,
-                                          max_iter=config.kmeans_max_iter, seed=config.seed, timings=timings)
+            by_bits = quantize_matrix_widths(lin.weight.to(target), fisher[name].to(target), widths,
+                                             threshold=thresholds.get(name),
+                                             sensitivity_percent=config.sensitivity_percent,
+                                             max_iter=config.kmeans_max_iter, seed=config.seed, timings=timings)
+            if hessians is not None:
+                by_bits = self._refine(name, lin.weight.to(target), fisher[name].to(target), by_bits,
+                                       hessians[name].to(target), timings)
+            return by_bits
 
         result = {}
         with contextlib.closing(per_matrix(linears, self.options.device, job)) as matrices:
@@ -264,6 +290,18 @@ class StreamQuantizer:
         for key, value in timings.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + value
         return result
+
+    def _refine(self, name: str, weight: torch.Tensor, fisher: torch.Tensor, by_bits: dict, hessian: torch.Tensor,
+                timings: dict[str, float]) -> dict:
+        """``by_bits`` with every width refined (core.refine); the objectives go to ``self.refined``."""
+        from core.refine import refine_matrix
+
+        refined = {}
+        for bits, q in by_bits.items():
+            refined[bits], stats = refine_matrix(weight, fisher, q, hessian)
+            self.refined[(name, bits)] = stats
+            timings["refine"] = timings.get("refine", 0.0) + stats.seconds
+        return refined
 
     def _write_block(self, index: int, block: nn.Module, quantized: dict, *, grads) -> None:
         """Pack block ``index``: every projection's chosen parts, the block's other tensors as stored."""
@@ -282,6 +320,9 @@ class StreamQuantizer:
                 key = name if len(parts) == 1 else f"{bits}/{name}"
                 tensors.update({f"{key}.{k}": v for k, v in module.state_dict().items()})
                 record = {**_layer_record(name, module, q), "weighted_errors": tried, "layout": module.layout()}
+                stats = self.refined.pop((name, bits), None)
+                if stats is not None:
+                    record["refine_objective"] = [stats.objective_before, stats.objective_after]
                 if len(parts) == 1:
                     modules[name] = module.layout()
                     layers.append(record)
@@ -338,7 +379,8 @@ class StreamQuantizer:
             for rec in self.staging.state["blocks"][str(index)]["layers"]:
                 layers.append(LayerReport(rec["name"], tuple(rec["shape"]), rec["bits"], rec["outliers"], rec["sparse"],
                                           rec["weighted_error"], rec["relative_error"],
-                                          tuple((int(b), float(e)) for b, e in rec.get("weighted_errors", ()))))
+                                          tuple((int(b), float(e)) for b, e in rec.get("weighted_errors", ())),
+                                          tuple(rec["refine_objective"]) if "refine_objective" in rec else None))
                 n_weights += rec["shape"][0] * rec["shape"][1]
                 n_bytes += rec["bytes"]
         multiplier = (self.staging.state.get("outliers") or {}).get("multiplier")
