@@ -152,35 +152,48 @@ class BlockMajorPass:
                                 f"loss {float(loss.detach()):.3f}")
         return grads
 
-    def backward_block(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool = True
+    def backward_block(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool = True,
+                       hessians: dict[str, torch.Tensor] | None = None
                        ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Fisher of loaded block ``index``'s projections and the gradients handed to the block below.
 
         grads: dL_n/d(output of the block) per window. Returns (name -> float32 [out, in] on the
         block's device, dL_n/d(input of the block) per window on the CPU; empty when
         ``need_input_grad`` is False). The block's weights are left without gradients.
+        hessians: if a dict is given, it receives name -> float32 [in, in] on the block's device, the
+        gradient-weighted Hessian Σ s_t x_t x_tᵀ of each projection (``core.refine.GradientHessians``).
         """
+        from core.refine import GradientHessians
+
         linears = block_linears(self.lazy, index)
         fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=self.device)
                   for name, lin in linears.items()}
         below = []
+        recorder = GradientHessians(linears, device=self.device) if hessians is not None else contextlib.nullcontext()
         try:
             for lin in linears.values():
                 lin.weight.requires_grad_(True)
-            for n in range(self.n_windows):
-                hidden = self.store.get(f"h{index}-{n}").to(self.device).requires_grad_(need_input_grad)
-                with torch.enable_grad():
-                    out = self.run_block(block, index, hidden)
-                    out.backward(grads[n].to(device=self.device, dtype=out.dtype))
-                for name, lin in linears.items():
-                    fisher[name].add_(lin.weight.grad.float().square())
-                    lin.weight.grad = None
-                if need_input_grad:
-                    below.append(hidden.grad.detach().cpu())
+            with recorder:
+                self._backward_windows(block, index, grads, need_input_grad, linears, fisher, below)
         finally:
             for lin in linears.values():
                 lin.weight.grad = None
                 lin.weight.requires_grad_(False)
+        if hessians is not None:
+            hessians.update(recorder.hessians)
         for n in range(self.n_windows):
             self.store.drop(f"h{index}-{n}")  # the block below reads its own input
         return fisher, below
+
+    def _backward_windows(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool,
+                          linears: dict[str, nn.Linear], fisher: dict[str, torch.Tensor], below: list) -> None:
+        for n in range(self.n_windows):
+            hidden = self.store.get(f"h{index}-{n}").to(self.device).requires_grad_(need_input_grad)
+            with torch.enable_grad():
+                out = self.run_block(block, index, hidden)
+                out.backward(grads[n].to(device=self.device, dtype=out.dtype))
+            for name, lin in linears.items():
+                fisher[name].add_(lin.weight.grad.float().square())
+                lin.weight.grad = None
+            if need_input_grad:
+                below.append(hidden.grad.detach().cpu())

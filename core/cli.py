@@ -76,6 +76,10 @@ def _add_quant_settings(p: argparse.ArgumentParser) -> None:
                    help="percent of each matrix's most sensitive weights kept exactly (default 0.05)")
     p.add_argument("--method", default="squeezellm", choices=("squeezellm", "rtn", "rtn-g128"),
                    help="squeezellm, or a round-to-nearest baseline")
+    p.add_argument("--refine", choices=("none", "lnq"), default=None,
+                   help="lnq: after k-means, refit each row's lookup table and codes against the layer's output "
+                        "error weighted by the loss gradients (same format; slower). Default: "
+                        + ("lnq" if _default_refine() else "none"))
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -93,8 +97,18 @@ def quant_config_from(args: argparse.Namespace):
     else:
         percent = 0.45 if args.outlier_percent is None else args.outlier_percent
         outliers = OutlierConfig(percent=percent or None)
+    refine = _default_refine() if getattr(args, "refine", None) is None else args.refine == "lnq"
+    if getattr(args, "refine", None) == "lnq" and args.method != "squeezellm":
+        raise ValueError(f"--refine lnq refines SqueezeLLM's tables: use --method squeezellm, not {args.method}")
     return QuantConfig(bits=4 if args.bits is None else args.bits, method=args.method, outliers=outliers,
-                       sensitivity_percent=args.sensitivity, target_bits=args.target_bits)
+                       sensitivity_percent=args.sensitivity, target_bits=args.target_bits,
+                       refine=refine and args.method == "squeezellm")
+
+
+def _default_refine() -> bool:
+    from core.config import QuantConfig
+
+    return QuantConfig().refine
 
 
 def calibration_from(args: argparse.Namespace):

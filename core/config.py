@@ -85,8 +85,14 @@ class QuantConfig:
         "bits, the 4-bit ones being those whose sensitivity-weighted error drops most per extra bit. "
         "Off: every matrix uses Bits. Quantizing takes about twice as long.",
         min=MIXED_BITS[0], max=MIXED_BITS[1], step=0.05))
+    refine: bool = field(default=False, metadata=_hint(
+        "Refine codes and tables", "After k-means, refit each row's lookup table and codes against the "
+        "layer's output error weighted by the loss gradients (LNQ); same file format, lower perplexity "
+        "at 3 bits, slower quantizing, squeezellm only."))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine = {self.refine!r} must be true or false")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
         if self.method not in METHODS:

@@ -57,6 +57,8 @@ class LayerReport:
     relative_error: float
     # (bits, Fisher-weighted error) of every width tried; mixed precision tries 3 and 4
     weighted_errors: tuple[tuple[int, float], ...] = ()
+    # with refinement (core.refine): the gradient-weighted objective Σ eᵀHe before and after
+    refine_objective: tuple[float, float] | None = None
 
     @property
     def numel(self) -> int:

@@ -163,14 +163,16 @@ class BlockFisherCache:
     Keyed by the model folder's fingerprint (``core.lazy_model.folder_fingerprint``) and the
     calibration setting; a later run with other quantization settings reads it instead of running
     the calibration passes. Only models whose Fisher is at most ``$SQUEEZE_FISHER_CACHE_GB``
-    (default 8) GB are cached.
+    (default 8) GB are cached. With ``kind="hessians"`` the same class caches the gradient-weighted
+    Hessians of refinement (name -> float32 [in, in]) in a sibling folder, under the same limit.
     """
 
-    def __init__(self, fingerprint: str, calibration: CalibrationConfig, fisher_bytes: int) -> None:
+    def __init__(self, fingerprint: str, calibration: CalibrationConfig, fisher_bytes: int,
+                 kind: str = "blocks") -> None:
         from core.paths import cache_dir
 
         key = fisher_cache_path(fingerprint, calibration, source_identity(calibration.source)).stem
-        self.folder = cache_dir() / "fisher" / f"{key}-blocks"
+        self.folder = cache_dir() / "fisher" / f"{key}-{kind}"  # kind "hessians": core.refine's H per block
         limit = float(os.environ.get("SQUEEZE_FISHER_CACHE_GB", FISHER_CACHE_LIMIT_GB))
         self.enabled = fisher_bytes <= limit * 2**30
 

@@ -60,7 +60,7 @@ class QuantizePage(Page):
     def __init__(self, session, runner, parent: QWidget | None = None) -> None:
         super().__init__(session, runner, parent)
         self.controls = QuantControls(sliders=False, show_method=True)
-        self.mixed_form = ConfigForm(session.quant_config, ["target_bits"])
+        self.mixed_form = ConfigForm(session.quant_config, ["target_bits", "refine"])
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
             custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
@@ -228,6 +228,8 @@ class QuantizePage(Page):
         steps = [f"{len(info.layers)} matrices of {info.name} to {width} ({config.method})"]
         if config.method == "squeezellm":
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
+            if config.refine:
+                steps.append("refine every row's table and codes against the gradient-weighted layer error")
         steps.append(self._memory_line(config, calibration))
         steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
         total = sum(seconds.values())

@@ -1,5 +1,7 @@
 """A form built from a config dataclass's field metadata (label, min, max, step, tooltip, choices).
 
+bool fields become check boxes.
+
 ``core.config`` describes each setting once; this turns it into spin boxes, combo boxes and line
 edits with the tooltip on both label and editor. ``value()`` rebuilds the frozen config (its own
 validation decides what is allowed) and shows the ``ValueError`` message inline when it refuses.
@@ -13,7 +15,8 @@ import typing
 from collections.abc import Callable
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox, QWidget
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QLineEdit, QSpinBox,
+                               QWidget)
 
 EditorFactory = Callable[[dict], QWidget]
 
@@ -80,6 +83,8 @@ class ConfigForm(QWidget):
             for choice in choices:
                 combo.addItem(str(choice), choice)
             return combo
+        if kind is bool:
+            return QCheckBox()
         if kind is int:
             spin = QSpinBox()
             low = int(meta.get("min", 0))
@@ -101,7 +106,7 @@ class ConfigForm(QWidget):
         return QLineEdit()
 
     def _connect(self, editor: QWidget) -> None:
-        for signal in ("valueChanged", "currentIndexChanged", "textChanged", "changed"):
+        for signal in ("valueChanged", "currentIndexChanged", "textChanged", "toggled", "changed"):
             if hasattr(editor, signal):
                 getattr(editor, signal).connect(self._on_edit)
                 return
@@ -115,6 +120,8 @@ class ConfigForm(QWidget):
     def _read(editor: QWidget):
         if isinstance(editor, QComboBox):
             return editor.currentData()
+        if isinstance(editor, QCheckBox):
+            return editor.isChecked()
         if isinstance(editor, QLineEdit):
             return editor.text().strip()
         if isinstance(editor, (QSpinBox, QDoubleSpinBox)) and editor.specialValueText() \
@@ -133,6 +140,8 @@ class ConfigForm(QWidget):
                 editor.setCurrentIndex(max(0, index))
             elif isinstance(editor, QLineEdit):
                 editor.setText(str(value))
+            elif isinstance(editor, QCheckBox):
+                editor.setChecked(bool(value))
             else:
                 editor.set_value(value)
         finally:

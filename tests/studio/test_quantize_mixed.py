@@ -54,3 +54,16 @@ def test_a_mixed_run_shows_its_allocation_stage(qtbot, window, tiny_model_dir, c
     assert page.panel.stage_bars["allocate"].isVisibleTo(page)
     assert page.panel.stage_bars["allocate"].value() == 1000
     assert "matrices at 4 bits" in page.result_label.text()
+
+
+def test_refine_check_box_sets_the_config_and_the_summary(qtbot, window, tiny_model_dir):
+    page = window.pages["quantize"]
+    assert open_model(qtbot, window, tiny_model_dir) == "done"
+    wait_idle(qtbot, window)
+    box = page.mixed_form.editors["refine"]
+    assert box.toolTip() and page.mixed_form.labels["refine"].text() == "Refine codes and tables"
+    box.setChecked(True)
+    assert window.session.quant_config.refine is True
+    assert "refine every row" in page.summary_label.text()
+    box.setChecked(False)
+    assert window.session.quant_config.refine is False and "refine every row" not in page.summary_label.text()

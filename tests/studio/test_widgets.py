@@ -61,6 +61,21 @@ def test_config_form_shows_the_config_s_own_refusal(qtbot):
     assert form.error_label.isHidden()
 
 
+def test_config_form_bool_fields_are_check_boxes(qtbot):
+    from PySide6.QtWidgets import QCheckBox
+
+    form = ConfigForm(QuantConfig(), ["target_bits", "refine"])
+    qtbot.addWidget(form)
+    box = form.editors["refine"]
+    assert isinstance(box, QCheckBox) and box.isChecked() == QuantConfig().refine
+    assert box.toolTip().count(". ") == 0 and "gradient" in box.toolTip()  # one sentence
+    with qtbot.waitSignal(form.changed):
+        box.setChecked(not QuantConfig().refine)
+    assert form.value().refine is (not QuantConfig().refine)
+    form.set_value(QuantConfig(refine=True))
+    assert box.isChecked()
+
+
 def test_quant_controls_round_trip(qtbot):
     controls = QuantControls(sliders=True)
     qtbot.addWidget(controls)
