@@ -32,6 +32,7 @@ from core.packing import csr_row_indices
 
 SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep
 ONE_HOT_BYTES = 64 << 20  # rows of one-hot codes materialised at a time in the table refit
+CODE_STEPS = ("sweep", "descend")  # code updates of one round (then the table refit)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,39 @@ def sweep_codes(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor, 
     return new
 
 
+def descend_codes(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor, lut: torch.Tensor,
+                  hessian: torch.Tensor, block: int = SWEEP_BLOCK) -> torch.Tensor:
+    """New codes [out, in]: one pass of exact coordinate descent over the columns, table fixed.
+
+    Same arguments as ``sweep_codes`` but with the undamped ``hessian`` float32 [in, in]. Each dense
+    entry in turn takes the table entry that lowers its row's objective most given all the others
+    (the change of e_j by δ changes eᵀHe by 2δ(He)_j + δ²H_jj), so no row's objective increases.
+    """
+    w = weight.float()
+    new = codes.clone()
+    current = decode(lut, new)
+    grad = ((w - current) * dense) @ hessian  # (He) per row, kept exact for the columns still to visit
+    diag = hessian.diagonal()
+    in_features = w.shape[1]
+    for c0 in range(0, in_features, block):
+        c1 = min(in_features, c0 + block)
+        part = grad[:, c0:c1].clone()
+        steps = torch.zeros(w.shape[0], c1 - c0, dtype=torch.float32, device=w.device)
+        h_block = hessian[c0:c1, c0:c1]
+        for i in range(c1 - c0):
+            j = c0 + i
+            delta = current[:, j:j + 1] - lut  # [out, K]: e_j grows by this when entry k is chosen
+            change = delta * (2 * part[:, i:i + 1] + delta * diag[j])
+            pick = change.argmin(1)
+            step = delta.gather(1, pick.unsqueeze(1)).squeeze(1) * dense[:, j]
+            new[:, j] = torch.where(dense[:, j], pick.to(new.dtype), new[:, j])
+            part[:, i:] += step.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+            steps[:, i] = step
+        if c1 < in_features:
+            grad[:, c1:] += steps @ hessian[c0:c1, c1:]
+    return new
+
+
 def _sorted(lut: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same decoded matrix with each row's table ascending (codes renumbered)."""
     values, order = lut.sort(dim=1)
@@ -209,13 +243,15 @@ def _sorted(lut: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def refine_rows(weight: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, dense: torch.Tensor,
-                hessian: torch.Tensor, rounds: int = 3, damp: float = 0.01, tol: float = 1e-4
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Alternate table refits and code sweeps on rows that share one H (see the module docstring).
+                hessian: torch.Tensor, rounds: int = 3, damp: float = 0.01, tol: float = 1e-4,
+                steps: tuple[str, ...] = CODE_STEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Alternate table refits and code updates on rows that share one H (see the module docstring).
 
     weight float [out, in]; codes integer [out, in]; lut [out, K] (any float dtype; evaluated in
-    fp16 as stored); dense bool [out, in]; hessian float32 [in, in]. Returns (codes, lut float16
-    [out, K] ascending per row, objective before float64 [out], after float64 [out], rounds run).
+    fp16 as stored); dense bool [out, in]; hessian float32 [in, in]. steps: the code updates of a
+    round, in order: "sweep" (GPTQ-style, columns by decreasing H_jj), "descend" (coordinate
+    descent); a table refit follows them. Returns (codes, lut float16 [out, K] ascending per row,
+    objective before float64 [out], after float64 [out], rounds run).
     """
     w = weight.float()
     h = hessian.float()
@@ -235,11 +271,18 @@ def refine_rows(weight: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, de
         best_lut[better] = t[better]
 
     keep(best_codes, refit_tables(w, best_codes, dense, best_lut, h).half().float())
-    upper = inverse_cholesky(h, damp) if rounds > 0 else None
+    order = h.diagonal().argsort(descending=True)  # GPTQ's act-order: the most active inputs first
+    restore = order.argsort()
+    upper = inverse_cholesky(h[order][:, order], damp) if rounds > 0 and "sweep" in steps else None
     done = 0
     for done in range(1, rounds + 1):
         start = float(best.sum())
-        keep(sweep_codes(w, best_codes, dense, best_lut, upper), best_lut)
+        for step in steps:
+            if step == "sweep":
+                swept = sweep_codes(w[:, order], best_codes[:, order], dense[:, order], best_lut, upper)
+                keep(swept[:, restore], best_lut)
+            else:
+                keep(descend_codes(w, best_codes, dense, best_lut, h), best_lut)
         keep(best_codes, refit_tables(w, best_codes, dense, best_lut, h).half().float())
         if start - float(best.sum()) <= tol * start:
             break
@@ -248,7 +291,7 @@ def refine_rows(weight: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, de
 
 
 def refine_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, q, hessian: torch.Tensor,
-                  rounds: int = 3, damp: float = 0.01):
+                  rounds: int = 3, damp: float = 0.01, steps: tuple[str, ...] = CODE_STEPS):
     """A refined copy of ``q`` (a ``core.quantize.QuantizedMatrix`` of ``weight``) and its ``RefineStats``.
 
     weight float [out, in]; fisher float [out, in] or None (only for the reported Fisher-weighted
@@ -273,7 +316,8 @@ def refine_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, q, hessian:
     codes, luts, before, after, rounds_run = [], [], 0.0, 0.0, 0
     for g in range(groups):
         rows = slice(g * size, (g + 1) * size)
-        c, t, b, a, n = refine_rows(w[rows], all_codes[rows], all_luts[rows], dense[rows], hs[g], rounds, damp)
+        c, t, b, a, n = refine_rows(w[rows], all_codes[rows], all_luts[rows], dense[rows], hs[g], rounds, damp,
+                                    steps=steps)
         codes.append(c)
         luts.append(t)
         before, after, rounds_run = before + float(b.sum()), after + float(a.sum()), max(rounds_run, n)
