@@ -209,6 +209,8 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
     device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
     With ``config.target_bits`` each matrix gets 3 or 4 bits under that budget (core.mixed_precision).
     Sibling layers that read the same input are linked to run as one kernel call (core.shared_input).
+    ``config.refine`` is not applied here: refinement needs each layer's gradient-weighted H, which the
+    streaming engine (core.stream_quantize) collects during its backward sweep.
     """
     report = yield from _quantize_linears(model, config, fisher, device)
     link_shared_inputs(model)

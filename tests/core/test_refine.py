@@ -12,7 +12,7 @@ from core.layers import squeeze_linear_from_state
 from core.models import quantizable_linears
 from core.quantize import quantize_matrix, squeeze_module
 from core.refine import (GradientHessians, decode, descend_codes, refine_matrix, refine_rows, refit_tables,
-                         row_objective, sparse_mask_of)
+                         refit_tables_cg, row_objective, sparse_mask_of)
 
 
 def _problem(out: int = 24, inn: int = 64, tokens: int = 300, seed: int = 0):
@@ -32,6 +32,7 @@ def test_table_refit_equals_the_closed_form_least_squares():
     dense = ~sparse_mask_of(q, tuple(w.shape))
     assert (~dense).sum() > 0
     got = refit_tables(w, q.codes, dense, q.lookup_table.float(), h, ridge=0.0)
+    by_cg = refit_tables_cg(w, q.codes, dense, q.lookup_table.float(), h, iterations=8)
     for r in range(w.shape[0]):
         d = dense[r]
         a = torch.nn.functional.one_hot(q.codes[r][d].long(), 8).double()  # [|D|, K]
@@ -40,6 +41,8 @@ def test_table_refit_equals_the_closed_form_least_squares():
         used = gram.diagonal() > 0
         expected = torch.linalg.solve(gram[used][:, used], rhs[used])
         torch.testing.assert_close(got[r][used].double(), expected, rtol=2e-4, atol=2e-5)
+        torch.testing.assert_close(by_cg[r][used].double(), expected, rtol=2e-4, atol=2e-5)  # K steps: exact
+        torch.testing.assert_close(by_cg[r][~used], q.lookup_table[r][~used].float())  # unused: unchanged
     # the closed form is a minimum: the objective with the refit table is no larger than with k-means's
     before = row_objective((w - decode(q.lookup_table, q.codes)) * dense, h)
     after = row_objective((w - decode(got, q.codes)) * dense, h)
@@ -51,6 +54,8 @@ def test_an_unused_centroid_stays_where_it_was():
     codes = torch.randint(0, 7, w.shape, dtype=torch.uint8)  # code 7 never used
     lut = torch.linspace(-2, 2, 8).repeat(4, 1)
     got = refit_tables(w, codes, torch.ones_like(w, dtype=torch.bool), lut, h)
+    torch.testing.assert_close(got[:, 7], lut[:, 7])
+    got = refit_tables_cg(w, codes, torch.ones_like(w, dtype=torch.bool), lut, h)
     torch.testing.assert_close(got[:, 7], lut[:, 7])
 
 
