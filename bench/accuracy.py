@@ -39,6 +39,17 @@ ROWS = {  # name -> (family, QuantConfig or None, weighted)
     "rtn per channel 3-bit": ("ours", QuantConfig(bits=3, method="rtn"), True),
     "unweighted k-means 4-bit (Fisher ignored)": ("ours", QuantConfig(bits=4, outliers=DENSE, sensitivity_percent=0), False),
     "unweighted k-means 3-bit (Fisher ignored)": ("ours", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), False),
+    # the streaming engine (``squeeze quantize``) with and without core.refine, Fisher and H cached per block
+    "squeezellm 3-bit dense-only, refined (lnq)": ("stream", QuantConfig(
+        bits=3, outliers=DENSE, sensitivity_percent=0, refine=True), True),
+    "squeezellm 3-bit dense-and-sparse, refined (lnq)": ("stream", QuantConfig(bits=3, refine=True), True),
+    "squeezellm 4-bit dense-only, refined (lnq)": ("stream", QuantConfig(
+        bits=4, outliers=DENSE, sensitivity_percent=0, refine=True), True),
+    "squeezellm 4-bit dense-and-sparse, refined (lnq)": ("stream", QuantConfig(bits=4, refine=True), True),
+    "squeezellm 3-bit dense-only, streamed": ("stream", QuantConfig(bits=3, outliers=DENSE, sensitivity_percent=0), True),
+    "squeezellm 3-bit dense-and-sparse, streamed": ("stream", QuantConfig(bits=3), True),
+    "squeezellm 4-bit dense-only, streamed": ("stream", QuantConfig(bits=4, outliers=DENSE, sensitivity_percent=0), True),
+    "squeezellm 4-bit dense-and-sparse, streamed": ("stream", QuantConfig(bits=4), True),
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.json"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -55,6 +66,33 @@ def paper_bits(shapes: list[tuple[int, int]], bits: int, nnz: int, method: str) 
     else:
         extra = sum(o * (1 << bits) * 16 for o, _ in shapes)
     return bits + (extra + 48 * nnz) / n
+
+
+def run_stream_row(name: str, config: QuantConfig, windows, fisher_cfg) -> dict:
+    """A row through the streaming engine (``squeeze quantize demo``): quantize into a temporary folder, load it,
+    evaluate. Keeps the per-stage seconds and, with refinement, every matrix's objective before and after."""
+    import tempfile
+
+    from core.checkpoint import load_quantized
+    from core.evaluate import perplexity
+    from core.pipeline import QuantizeJob, run_quantize_job
+
+    with tempfile.TemporaryDirectory(prefix="squeeze-accuracy-") as tmp:
+        t0 = time.perf_counter()
+        report = run_to_end(run_quantize_job(QuantizeJob(model="demo", output=Path(tmp) / "q", config=config,
+                                                         calibration=fisher_cfg, device="cpu")))
+        seconds = time.perf_counter() - t0
+        model = load_quantized(Path(tmp) / "q").model
+        result = run_to_end(perplexity(model, windows, batch_size=4))
+    shapes = [layer.shape for layer in report.layers]
+    nnz = sum(layer.sparse for layer in report.layers)
+    row = {"name": name, "bits_paper": paper_bits(shapes, config.bits, nnz, config.method),
+           "bits_stored": report.bits_per_weight, "sparse_percent": report.sparse_percent,
+           "quantize_seconds": seconds, "seconds": report.seconds, "perplexity": result.perplexity}
+    if config.refine:
+        row["objective"] = [[layer.name, *layer.refine_objective] for layer in report.layers]
+    print(json.dumps({k: v for k, v in row.items() if k != "objective"}), flush=True)
+    return row
 
 
 def run_row(name: str, family: str, config: QuantConfig | None, weighted: bool, windows, fisher_cfg) -> dict:
@@ -105,7 +143,9 @@ def original_of(name: str) -> str | None:
     """The 'original method' row with the same settings as our squeezellm row ``name``, if any."""
     if not name.startswith("squeezellm "):
         return None
-    return "original method " + name.removeprefix("squeezellm ").removesuffix(" (0.45% + 0.05%)")
+    for suffix in (", refined (lnq)", ", streamed", " (0.45% + 0.05%)"):
+        name = name.removesuffix(suffix)
+    return "original method " + name.removeprefix("squeezellm ")
 
 
 def table(rows: list[dict]) -> str:
@@ -114,17 +154,19 @@ def table(rows: list[dict]) -> str:
     base = next((r["perplexity"] for r in rows if r["name"].startswith("fp32")), None)
     by_name = {r["name"]: r for r in rows}
     lines = ["| setting | bits per weight (paper convention) | bits per weight (as stored) | sparse % | perplexity "
-             "| vs fp32 | vs original method | issue's original, vs its fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs fp32 | vs original method | original's gap to fp32 removed | issue's original, vs its fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         bp = f"{r['bits_paper']:.2f}"
         bs = f"{r['bits_stored']:.2f}" if not r["name"].startswith("original") else "-"
         rel = f"{r['perplexity'] / base:.3f}x" if base else "-"
         twin = by_name.get(original_of(r["name"]) or "")
         vs = f"**{r['perplexity'] / twin['perplexity']:.3f}x**" if twin else "-"
+        gap = f"{(twin['perplexity'] - r['perplexity']) / (twin['perplexity'] - base):.0%}" if twin and base else "-"
         issue = ISSUE_ORIGINAL.get(r["name"])
         ref = f"{issue:g} ({issue / ISSUE_ORIGINAL['fp32 (no quantization)']:.3f}x)" if issue else "-"
         lines.append(f"| {r['name']} | {bp} | {bs} | {r['sparse_percent']:.2f} | {r['perplexity']:.2f} | {rel} | {vs} "
-                     f"| {ref} |")
+                     f"| {gap} | {ref} |")
     return "\n".join(lines)
 
 def main() -> None:
@@ -152,11 +194,42 @@ def main() -> None:
             if name in old:
                 rows.append(old[name])
             continue
-        rows.append(run_row(name, family, config, weighted, windows, fisher_cfg))
+        if family == "stream":
+            rows.append(run_stream_row(name, config, windows, fisher_cfg))
+        else:
+            rows.append(run_row(name, family, config, weighted, windows, fisher_cfg))
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(rows + [r for n, r in old.items() if n not in {x['name'] for x in rows}],
                                       indent=1))
     write_sections(rows, eval_cfg, fisher_cfg)
+
+
+def refinement_table(rows: list[dict]) -> str:
+    """Per streamed row: with refinement, the gradient-weighted objective Σ eᵀHe after / before (summed over
+    the matrices of each kind, and the median matrix); the refinement's seconds (summed over the matrix
+    threads) and the wall seconds of everything but loading and the calibration passes."""
+    lines = ["| setting | all matrices | median matrix | q | k | v | o | gate | up | down | refine seconds | "
+             "quantize seconds (wall, no calibration passes) |", "|---|" + "---:|" * 12]
+    for r in rows:
+        if "seconds" not in r:  # the streaming rows only
+            continue
+        seconds = r["seconds"]
+        wall = sum(seconds.get(k, 0.0) for k in ("outliers", "quantize", "allocate", "save"))
+        tail = f" | {seconds.get('refine', 0.0):.1f} | {wall:.1f} |"
+        if "objective" not in r:
+            lines.append(f"| {r['name']} | - | - | " + " | ".join("-" * 7) + tail)
+            continue
+        kinds: dict[str, list[float]] = {}
+        for name, before, after in r["objective"]:
+            kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
+            acc = kinds.setdefault(kind, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + before, acc[1] + after
+        total = sum(a for _, _, a in r["objective"]) / sum(b for _, b, _ in r["objective"])
+        ratios = sorted(a / b for _, b, a in r["objective"] if b > 0)
+        cells = [f"{kinds[k][1] / kinds[k][0]:.3f}" if k in kinds and kinds[k][0] else "-"
+                 for k in ("q", "k", "v", "o", "gate", "up", "down")]
+        lines.append(f"| {r['name']} | {total:.3f} | {ratios[len(ratios) // 2]:.3f} | " + " | ".join(cells) + tail)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def write_sections(rows: list[dict], eval_cfg: EvalConfig, fisher_cfg: CalibrationConfig) -> None:
@@ -168,6 +241,12 @@ def write_sections(rows: list[dict], eval_cfg: EvalConfig, fisher_cfg: Calibrati
             "'original method' = SqueezeLLM's own algorithm (scikit-learn per-row k-means, strict-'>' sensitive "
             "selection, fp32 LUT) reproduced by bench/original.py with the same Fisher and the same outlier "
             "thresholds.\n\n" + table(rows))
+    refined = refinement_table(rows)
+    if refined:
+        text += ("\n\nRefinement (core.refine, `--refine lnq`): the gradient-weighted layer objective Σ eᵀHe after "
+                 "refinement as a fraction of the k-means solution's (H from the same 100 windows), and its time "
+                 "(quantize seconds: everything but the forward/backward calibration passes and loading; CPU, "
+                 "the matrices of a block two at a time):\n\n" + refined)
     update_section("accuracy", text)
     readme = (f"Perplexity of the demo model (SmolLM2-135M-Instruct) on {eval_cfg.windows} x {eval_cfg.seqlen} tokens "
               f"of the built-in text, Fisher from {fisher_cfg.samples} windows (`python -m bench.accuracy`; speed and "
