@@ -111,7 +111,6 @@ class LazyModel:
         self.folder, self.config, self.skeleton, self.files = folder, config, skeleton, files
         self.compute_dtype = compute_dtype
         self.block_prefix, self.blocks = _find_block_list(skeleton)
-        self._handles: dict[Path, object] = {}
         self._base_prefix = getattr(skeleton, "base_model_prefix", "") or ""
         self.stored_dtype = self._stored_dtype()
 
@@ -159,16 +158,18 @@ class LazyModel:
         return True
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The stored tensor ``name`` (stored dtype, CPU), read from its memory-mapped file."""
+        """The stored tensor ``name`` (stored dtype, CPU), read from its memory-mapped file.
+
+        The file is mapped for this read only: a mapping kept open would keep every page read so far
+        resident (counted in the process's memory) until the kernel needs it back.
+        """
         from safetensors import safe_open
 
         key = self._key(name)
         file = self.files[key]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(file, framework="pt")
         try:
-            return handle.get_tensor(key)
+            with safe_open(file, framework="pt") as handle:
+                return handle.get_tensor(key).clone()
         except Exception as exc:
             raise UserError(f"{file}: tensor {key} cannot be read ({exc}): the weights are corrupt or "
                             "truncated; download or save the model again") from exc
