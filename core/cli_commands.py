@@ -140,7 +140,8 @@ def _run_info(args: argparse.Namespace) -> int:
         width = f"{next(iter(per_bits), config.get('bits', '?'))} bits"
     print(f"folder:          {args.folder.resolve()}")
     print(f"source model:    {block.get('source_model', '?')}")
-    print(f"method:          {config.get('method', '?')}, {width}")
+    refined = ", refined (lnq)" if config.get("refine") else ""
+    print(f"method:          {config.get('method', '?')}, {width}{refined}")
     outliers = config.get("outliers") or {}
     print(f"outliers:        range x{outliers.get('range_multiplier')} / target {outliers.get('percent')}% "
           f"(multiplier used {block.get('range_multiplier')})")

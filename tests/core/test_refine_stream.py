@@ -79,8 +79,10 @@ def _job(folder: Path, output: Path, config: QuantConfig) -> QuantizeJob:
     return QuantizeJob(model=str(folder), output=output, config=config, calibration=CAL, device="cpu")
 
 
-def test_a_refined_run_writes_a_loadable_folder_and_reuses_the_cached_hessians(tiny_folder, tmp_path, monkeypatch):
+def test_a_refined_run_writes_a_loadable_folder_and_reuses_the_cached_hessians(tiny_folder, tmp_path, monkeypatch,
+                                                                              capsys):
     from core.checkpoint import load_quantized, read_quantization_config
+    from core.cli import main
 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path / "cache"))
     plain = run_to_end(run_quantize_job(_job(tiny_folder, tmp_path / "plain", QuantConfig(bits=3))))
@@ -95,6 +97,7 @@ def test_a_refined_run_writes_a_loadable_folder_and_reuses_the_cached_hessians(t
     assert sum(layer.refine_objective[1] for layer in report.layers) < sum(
         layer.refine_objective[0] for layer in report.layers)
     assert read_quantization_config(tmp_path / "refined")["config"]["refine"] is True
+    assert main(["info", str(tmp_path / "refined")]) == 0 and "3 bits, refined (lnq)" in capsys.readouterr().out
     loaded = load_quantized(tmp_path / "refined").model
     assert torch.isfinite(loaded(torch.randint(0, 1000, (1, 16))).logits).all()
     job = _job(tiny_folder, tmp_path / "again", QuantConfig(bits=4, refine=True))
