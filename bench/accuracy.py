@@ -90,6 +90,9 @@ def run_stream_row(name: str, config: QuantConfig, windows, fisher_cfg) -> dict:
            "bits_stored": report.bits_per_weight, "sparse_percent": report.sparse_percent,
            "quantize_seconds": seconds, "seconds": report.seconds, "perplexity": result.perplexity}
     if config.refine:
+        from core.refine import ROUNDS
+
+        row["refine_rounds"] = ROUNDS
         row["objective"] = [[layer.name, *layer.refine_objective] for layer in report.layers]
     print(json.dumps({k: v for k, v in row.items() if k != "objective"}), flush=True)
     return row

@@ -33,13 +33,13 @@ def random_hessian(n: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=DEFAULT)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="default: core.refine.ROUNDS")
     parser.add_argument("--only", nargs="*", help="matrix short names (q_proj, k_proj, gate_proj, down_proj, ...)")
     args = parser.parse_args()
     from core.block_pass import block_linears
     from core.lazy_model import LazyModel
     from core.quantize import quantize_matrix
-    from core.refine import refine_matrix
+    from core.refine import ROUNDS, refine_matrix
 
     lazy = LazyModel.open(args.folder)
     block = lazy.load_block(0, "cpu")
@@ -57,7 +57,8 @@ def main() -> None:
         t0 = time.perf_counter()
         q = quantize_matrix(w, fisher, 3)
         kmeans = time.perf_counter() - t0
-        _, stats = refine_matrix(w, fisher, q, random_hessian(w.shape[1]), rounds=args.rounds)
+        _, stats = refine_matrix(w, fisher, q, random_hessian(w.shape[1]),
+                                 rounds=ROUNDS if args.rounds is None else args.rounds)
         row = {"matrix": short, "shape": list(shape), "kmeans_seconds": kmeans, "refine_seconds": stats.seconds,
                "rounds": stats.rounds, "objective_ratio": stats.objective_after / stats.objective_before}
         rows.append(row)
