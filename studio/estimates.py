@@ -18,6 +18,11 @@ CPU_FLOPS = 90e9
 QUANTIZE_SECONDS_PER_MWEIGHT = 0.12
 LOAD_SAVE_SECONDS = 6.0
 GPU_SPEEDUP = 10.0
+# Refinement (QuantConfig.refine): seconds per million quantizable weights on the demo (2 cores). Its work per
+# weight grows with the layer's input width (H is in x in), so wider models take longer per weight (1.1B-shaped
+# matrices: about 3.5x the demo's per weight, bench/results/refine_scale.json). H also adds to the calibration pass.
+REFINE_SECONDS_PER_MWEIGHT = 0.5  # 3 bits, one round: 56 s of 2 cores for 106 M weights (machine under load)
+HESSIAN_PASS_EXTRA = 0.3  # the gradient-weighted H: ~2 x tokens x in^2 flops per layer, ~30% more than the Fisher pass
 
 
 def estimate_seconds(parameters: int, quantizable: int, config: QuantConfig, calibration: CalibrationConfig,
@@ -31,4 +36,8 @@ def estimate_seconds(parameters: int, quantizable: int, config: QuantConfig, cal
     # k-means time grows with the centroids; a mixed-precision run clusters every matrix at 3 and 4 bits.
     widths = (3, 4) if config.target_bits is not None else (config.bits,)
     quantize = QUANTIZE_SECONDS_PER_MWEIGHT * quantizable / 1e6 * iterations * sum(widths) / 4.0 / speed
-    return {"load and save": LOAD_SAVE_SECONDS * parameters / 135e6, "sensitivity": fisher, "quantize": quantize}
+    seconds = {"load and save": LOAD_SAVE_SECONDS * parameters / 135e6, "sensitivity": fisher, "quantize": quantize}
+    if config.refine and config.method == "squeezellm":
+        seconds["sensitivity"] *= 1 + HESSIAN_PASS_EXTRA
+        seconds["refine"] = REFINE_SECONDS_PER_MWEIGHT * quantizable / 1e6 * len(widths) / speed
+    return seconds

@@ -67,3 +67,14 @@ def test_refine_check_box_sets_the_config_and_the_summary(qtbot, window, tiny_mo
     assert "refine every row" in page.summary_label.text()
     box.setChecked(False)
     assert window.session.quant_config.refine is False and "refine every row" not in page.summary_label.text()
+
+
+def test_refinement_is_estimated_as_its_own_stage():
+    from core.config import CalibrationConfig, QuantConfig
+    from studio.estimates import estimate_seconds
+
+    args = (135_000_000, 106_000_000)
+    plain = estimate_seconds(*args, QuantConfig(bits=3), CalibrationConfig(), False, False)
+    refined = estimate_seconds(*args, QuantConfig(bits=3, refine=True), CalibrationConfig(), False, False)
+    assert "refine" not in plain and refined["refine"] > 0
+    assert refined["sensitivity"] > plain["sensitivity"] and refined["quantize"] == plain["quantize"]
