@@ -96,7 +96,10 @@ def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, 
     # the attention's score matrix when the kernel materialises it
     window = (seqlen * (14 * hidden + 5 * intermediate) + heads * seqlen * seqlen) * 4 if fisher else 0
     window += 2 * seqlen * hidden * 4 * windows if fisher else 0  # gradients handed down, one boundary
-    quantize = largest_matrix * 34 * min(threads, 8)  # fp32 copies, masks, codes, k-means scratch
+    from core.quantize import LARGE_MATRIX
+
+    parallel = 1 if largest_matrix > LARGE_MATRIX else min(threads, 8)  # as core.quantize's matrix pool
+    quantize = largest_matrix * 34 * parallel  # fp32 copies, masks, codes, k-means scratch
     stats = min(largest_matrix, SKETCH_SIZE) * 4 * (quantizable // max(1, largest_matrix) + n_blocks * 7)
     activations = (n_blocks + 1) * windows * seqlen * hidden * compute_bytes if fisher else 0
     in_ram = activations if activation_budget is None else min(activations, activation_budget)

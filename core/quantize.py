@@ -299,7 +299,8 @@ def per_matrix(linears: dict[str, torch.nn.Linear], device: str | torch.device |
     matrices not yet started (a stopped run does not finish them).
     """
     pool_device = device if device is not None else next(iter(linears.values())).weight.device
-    with _matrix_pool(pool_device) as pool:
+    largest = max(lin.weight.numel() for lin in linears.values())
+    with _matrix_pool(pool_device, largest) as pool:
         futures = [pool.submit(work, name, lin, torch.device(device) if device is not None else lin.weight.device)
                    for name, lin in linears.items()]
         try:
@@ -310,18 +311,25 @@ def per_matrix(linears: dict[str, torch.nn.Linear], device: str | torch.device |
                 future.cancel()
 
 
+LARGE_MATRIX = 1 << 22  # entries; above it one matrix at a time uses every thread
+
+
 @contextlib.contextmanager
-def _matrix_pool(device: str | torch.device):
+def _matrix_pool(device: str | torch.device, largest: int = 0):
     """Threads over matrices, each running torch single-threaded, on the CPU.
 
     The k-means is many small tensor ops: torch's intra-op threads mostly fight each other
     over them (measured 17x slower on a busy 2-core machine), while whole matrices in parallel
-    keep every core busy. On a GPU one worker feeds the device.
+    keep every core busy. Matrices above ``LARGE_MATRIX`` entries go one at a time with torch's
+    threads instead: their ops are large enough to split, and each holds ~30 bytes per weight of
+    temporaries (1.7 GB for an 8 B model's MLP matrix), which parallel matrices would multiply.
+    On a GPU one worker feeds the device.
     """
     on_cpu = torch.device(device).type == "cpu"
-    workers = max(1, os.cpu_count() or 1) if on_cpu else 1
+    one_at_a_time = not on_cpu or largest > LARGE_MATRIX
+    workers = 1 if one_at_a_time else max(1, os.cpu_count() or 1)
     threads = torch.get_num_threads()
-    if on_cpu:
+    if not one_at_a_time:
         torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="squeeze-kmeans") as pool:
