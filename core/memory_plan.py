@@ -52,7 +52,9 @@ class MemoryPlan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GB"
+    from core.units import format_bytes
+
+    return format_bytes(n)
 
 
 def available_memory() -> int:

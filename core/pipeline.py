@@ -100,6 +100,7 @@ def run_quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantRe
     budget = activation_budget(plan, job.cpu_memory)
     check_gpu_memory(plan, device, job.gpu_memory)
     seconds["load"] = time.perf_counter() - t0
+    yield ProgressEvent("load", 1, 1, f"opened {folder.name}: {len(lazy.blocks)} blocks")
     spill = max(0, plan.activations - budget)
     yield ProgressEvent("plan", 1, 1, f"memory: {plan.describe()}" + (f"; {spill / 2**30:.1f} GB of block inputs "
                                                                       "go to disk" if spill else ""))
