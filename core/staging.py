@@ -2,8 +2,8 @@
 
 ``<parent>/.<output name>.partial/`` holds ``owner`` (host and pid of the run writing it),
 ``state.json`` (the job's key, the outlier thresholds, and a record per finished block),
-``block-NNNNN.safetensors`` (the packed tensors of each finished block), ``grad.safetensors`` (the
-loss gradient handed to the next block down) and, for mixed precision, ``cand-NNNNN.safetensors``
+``block-NNNNN.safetensors`` (the packed tensors of each finished block), ``grad-NNNNN.safetensors`` (the
+loss gradient the last finished block handed down) and, for mixed precision, ``cand-NNNNN.safetensors``
 (both widths of every matrix). Every file is written to a temporary name, flushed and renamed, and
 ``state.json`` is written last, so a run killed at any moment (kill -9) leaves a folder from which
 the same command continues at the last finished block. A run with other settings, or
@@ -108,20 +108,27 @@ class Staging:
                      grads: list[torch.Tensor] | None, kind: str = "block") -> None:
         """Write a finished block's tensors, then the gradient handed down, then the record (last)."""
         save_tensors_atomic(self.block_file(index, kind), tensors)
-        if grads is not None:
-            save_tensors_atomic(self.path / "grad.safetensors", {f"g{n}": g for n, g in enumerate(grads)})
+        if grads is not None:  # named by block: a kill before the state below leaves the previous file valid
+            save_tensors_atomic(self._grad_file(index), {f"g{n}": g for n, g in enumerate(grads)})
         self.state["blocks"][str(index)] = record
         self.save_state()
+        for old in self.path.glob("grad-*.safetensors"):
+            if grads is None or old != self._grad_file(index):
+                old.unlink(missing_ok=True)
+
+    def _grad_file(self, index: int) -> Path:
+        return self.path / f"grad-{index:05d}.safetensors"
 
     def handed_down_grads(self) -> list[torch.Tensor]:
         """The gradients the last finished block handed down (one per window)."""
         from safetensors.torch import load_file
 
-        state = load_file(self.path / "grad.safetensors")
+        state = load_file(self._grad_file(min(int(i) for i in self.state["blocks"])))
         return [state[f"g{n}"] for n in range(len(state))]
 
     def discard_grads(self) -> None:
-        (self.path / "grad.safetensors").unlink(missing_ok=True)
+        for old in self.path.glob("grad-*.safetensors"):
+            old.unlink(missing_ok=True)
 
     def release(self, keep: bool = True) -> None:
         """Give the folder up without finishing: kept for a resume, or removed (``keep=False``)."""
