@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
+    parser.add_argument("--sizes", nargs="*", choices=SIZES, default=list(SIZES), help="none: only the demo comparison")
     parser.add_argument("--modes", nargs="+", choices=("whole", "stream"), default=["whole", "stream"],
                         help="whole runs only where it fits")
     parser.add_argument("--samples", type=int, default=4)
