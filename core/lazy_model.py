@@ -174,6 +174,22 @@ class LazyModel:
             raise UserError(f"{file}: tensor {key} cannot be read ({exc}): the weights are corrupt or "
                             "truncated; download or save the model again") from exc
 
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """parameter name (as the skeleton names it) -> its dtype in the checkpoint, from the safetensors
+        headers alone (no tensor is read); parameters the checkpoint lacks are left out."""
+        from safetensors import safe_open
+
+        keys = {}
+        for name, _ in self.skeleton.named_parameters():
+            if self.has(name):
+                keys.setdefault(self.files[self._key(name)], []).append((name, self._key(name)))
+        dtypes = {}
+        for file, names in keys.items():
+            with safe_open(file, framework="pt") as handle:
+                for name, key in names:
+                    dtypes[name] = _slice_dtype(handle.get_slice(key).get_dtype())
+        return dtypes
+
     def _stored_dtype(self) -> torch.dtype:
         from safetensors import safe_open
 

@@ -19,38 +19,58 @@ from core.progress import ProgressEvent
 
 LOAD_STAGES = {"load": 1.0}
 ANALYSE_STAGES = {"stats": 1.0}
-SENSITIVITY_STAGES = {"fisher": 0.75, "stats": 0.25}
+SENSITIVITY_STAGES = {"load": 0.1, "fisher": 0.7, "stats": 0.2}
 # Shares of a streaming run's time (core.pipeline): sensitivity and k-means alternate block by block.
 QUANTIZE_STAGES = {"load": 0.04, "forward": 0.15, "backward": 0.4, "quantize": 0.33, "allocate": 0.01,
                    "save": 0.03, "reload": 0.04}
-EVALUATE_STAGES = {"eval": 1.0}
+EVALUATE_STAGES = {"load": 0.1, "eval": 0.9}
 
 
 def load_job(spec: str) -> Generator[ProgressEvent, None, tuple]:
-    """Load ``spec`` and describe it; returns (LoadedModel, ModelInfo)."""
+    """Open ``spec`` and describe it; returns (model, ModelInfo).
+
+    An original is opened lazily (studio.original.OriginalModel: headers only, no weights read); a
+    quantized folder is loaded (its packed layers are small, and Inspect and Chat use them directly).
+    """
+    from core.checkpoint import is_quantized_folder
     from core.models import load_model
     from studio.model_info import describe
+    from studio.original import open_original
 
-    yield ProgressEvent("load", 0, 0, f"loading {spec} (converting the demo takes ~1 min the first time)…")
-    loaded = load_model(spec)
-    yield ProgressEvent("load", 1, 2, f"reading the layers of {loaded.name}")
-    info = describe(loaded)
-    yield ProgressEvent("load", 2, 2, f"loaded {loaded.name}")
-    return loaded, info
+    path = Path(spec.strip()).expanduser()
+    if path.is_dir() and is_quantized_folder(path):
+        yield ProgressEvent("load", 0, 0, f"loading {spec}…")
+        model = load_model(spec)
+    else:
+        yield ProgressEvent("load", 0, 0, f"opening {spec} (converting a GGUF file takes ~1 min the first time)…")
+        model = yield from open_original(spec)
+    yield ProgressEvent("load", 1, 2, f"reading the layers of {model.name}")
+    info = describe(model)
+    yield ProgressEvent("load", 2, 2, f"opened {model.name}")
+    return model, info
 
 
-def analyse_job(loaded: LoadedModel, fisher: dict | None) -> Generator[ProgressEvent, None, list]:
-    """Per-matrix statistics for the live previews (list[core.preview.MatrixStats])."""
-    from core.preview import collect_stats
+def analyse_job(original) -> Generator[ProgressEvent, None, list]:
+    """Per-matrix statistics for the live previews (list[core.preview.MatrixStats]), one matrix at a time
+    from the weight files, each finished block cached on disk (a cancelled pass resumes where it stopped)."""
+    from core.lazy_model import folder_fingerprint
+    from core.lazy_stats import StatsCache, collect_lazy_stats
 
-    return (yield from collect_stats(loaded.model, fisher))
+    yield ProgressEvent("stats", 0, 0, f"fingerprinting {original.folder.name}")
+    cache = StatsCache(folder_fingerprint(original.folder))
+    return (yield from collect_lazy_stats(original.lazy, cache))
 
 
-def sensitivity_job(loaded: LoadedModel, calibration: CalibrationConfig) -> Generator[ProgressEvent, None, tuple]:
-    """The Fisher sensitivity (cached on disk) and statistics that include it; returns (fisher, stats)."""
+def sensitivity_job(original, calibration: CalibrationConfig) -> Generator[ProgressEvent, None, tuple]:
+    """The Fisher sensitivity (cached on disk) and statistics that include it; returns (fisher, stats).
+
+    Needs the whole model in float32 (refused with a message when it does not fit); the Quantize page
+    computes the sensitivity of bigger models one block at a time.
+    """
     from core.preview import collect_stats
     from core.sensitivity import load_or_compute_fisher
 
+    loaded = yield from original.float32_copy()
     fisher = yield from load_or_compute_fisher(loaded.model, loaded.tokenizer, calibration)
     stats = yield from collect_stats(loaded.model, fisher)
     return fisher, stats
@@ -79,12 +99,20 @@ def quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantizeOut
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """One model to evaluate: its label, the loaded model, where it lives, what it was quantized with."""
+    """One model to evaluate: its label, the model (a quantized LoadedModel, or an OriginalModel that the
+    job loads in its stored dtype), where it lives, what it was quantized with."""
 
     label: str
-    loaded: LoadedModel
+    loaded: object
     path: str | None
     settings: dict
+
+
+def runnable(model) -> Generator[ProgressEvent, None, LoadedModel]:
+    """A model ready to run: a LoadedModel as it is, an OriginalModel loaded whole in its stored dtype."""
+    if isinstance(model, LoadedModel):
+        return model
+    return (yield from model.load_dense())
 
 
 def evaluate_job(targets: list[EvalTarget], config: EvalConfig) -> Generator[ProgressEvent, None, list[dict]]:
@@ -92,11 +120,15 @@ def evaluate_job(targets: list[EvalTarget], config: EvalConfig) -> Generator[Pro
     from core.data import corpus_tokens, evaluation_windows
     from core.evaluate import model_size_report, perplexity, size_on_disk
 
+    models = []
+    for target in targets:
+        models.append((yield from runnable(target.loaded)))
     yield ProgressEvent("eval", 0, 0, f"tokenizing {config.source}")
-    tokens = corpus_tokens(targets[0].loaded.tokenizer, config.source)
+    tokens = corpus_tokens(models[0].tokenizer, config.source)
     windows = evaluation_windows(tokens, config.windows, config.seqlen)
     rows = []
-    for index, target in enumerate(targets):
+    for index, (target, loaded) in enumerate(zip(targets, models)):
+        target = dataclasses.replace(target, loaded=loaded)
         events = perplexity(target.loaded.model, windows, batch_size=config.batch_size)
         result = yield from _renamed(events, f"[{index + 1}/{len(targets)}] {target.label}")
         size = model_size_report(target.loaded.model)
@@ -158,11 +190,16 @@ def chat_job(sides: dict[str, tuple[LoadedModel, object]], user_text: str, confi
              should_stop: Callable[[], bool], seed: int | None = None) -> Generator[ChatPiece, None, dict]:
     """Stream the reply of one or two models to the same message, interleaved token by token.
 
-    sides: side -> (loaded model, its core.chat.ChatSession). Returns side -> (ChatStats, seconds spent
-    on that side alone), so tokens per second are fair even though both share one thread.
+    sides: side -> (model, its core.chat.ChatSession); an original is loaded in its stored dtype first
+    (once: it is kept for the next message). Returns side -> (ChatStats, seconds spent on that side
+    alone), so tokens per second are fair even though both share one thread.
     """
     from core.chat import stream_reply
 
+    loaded_sides = {}
+    for side, (model, chat) in sides.items():
+        loaded_sides[side] = ((yield from runnable(model)), chat)
+    sides = loaded_sides
     streams = {side: stream_reply(loaded.model, loaded.tokenizer, chat, user_text, config, stop=should_stop,
                                   seed=seed) for side, (loaded, chat) in sides.items()}
     busy = {side: 0.0 for side in streams}

@@ -1,8 +1,9 @@
-"""What the studio shows about a loaded model, for original and quantized models alike.
+"""What the studio shows about a model, for original and quantized models alike.
 
-``core.models.model_summary`` describes a model whose projections are still ``nn.Linear``; a
-quantized model (``SqueezeLinear`` / baseline layers, found by their ``layout()``) is described here
-from its quantized modules instead.
+An original is opened lazily (``studio.original.OriginalModel``) and described from its skeleton and
+the safetensors headers: shapes, dtypes and sizes without reading a weight. A quantized model
+(``SqueezeLinear`` / baseline layers, found by their ``layout()``) is described from its quantized
+modules.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.models import LoadedModel, model_summary, quantizable_linears
-from core.preview import model_bytes, packed_layer_bytes
+from core.models import LoadedModel, quantizable_linears
+from core.preview import packed_layer_bytes
 
 # The size estimates on the model page assume the default sparse share (0.45% outliers + 0.05% sensitive).
 DEFAULT_SPARSE_FRACTION = 0.005
@@ -21,7 +22,11 @@ DEFAULT_SPARSE_FRACTION = 0.005
 
 @dataclass
 class ModelInfo:
-    """Facts about a loaded model. layers: rows of {name, shape [out, in], parameters, dtype}."""
+    """Facts about a model. layers: rows of {name, shape [out, in], parameters, dtype}.
+
+    memory_bytes: the model's tensors as held when loaded (an original: in its stored dtype);
+    resident_bytes: what is in memory now, when that differs (an original opened lazily).
+    """
 
     name: str
     source: str
@@ -36,6 +41,8 @@ class ModelInfo:
     layers: list[dict] = field(default_factory=list)
     estimated_bytes: dict[int, int] = field(default_factory=dict)  # bits -> whole model bytes
     file_bytes: int | None = None  # the weight files on disk, when the model came from disk
+    stored_dtype: str | None = None  # an original's dtype in its files ("bfloat16")
+    resident_bytes: int | None = None
 
     @property
     def quantizable_parameters(self) -> int:
@@ -48,18 +55,19 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if callable(getattr(m, "layout", None)) and callable(getattr(m, "dequantize", None))}
 
 
-def matrices(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
-    """The model's quantizable matrices: nn.Linear layers of an original, quantized layers otherwise."""
-    if loaded.quantized:
-        return quantized_modules(loaded.model)
-    return dict(quantizable_linears(loaded.model))
+def matrix_names(model) -> list[str]:
+    """The quantizable matrices of an original (OriginalModel) or a quantized LoadedModel, in order."""
+    if model.quantized:
+        return list(quantized_modules(model.model))
+    return model.matrix_names()
 
 
-def dense_weight(module: torch.nn.Module) -> torch.Tensor:
-    """float32 [out, in] on the CPU: the weight, or the effective weight of a quantized layer."""
-    if callable(getattr(module, "dequantize", None)):
-        return module.dequantize().detach().float().cpu()
-    return module.weight.detach().float().cpu()
+def matrix_weight(model, name: str) -> torch.Tensor:
+    """float32 [out, in] on the CPU: an original's stored weight read from its file, or the effective
+    weight of a quantized layer."""
+    if model.quantized:
+        return quantized_modules(model.model)[name].dequantize().detach().float().cpu()
+    return model.matrix(name).float()
 
 
 def weights_file_bytes(source: str) -> int | None:
@@ -87,18 +95,36 @@ def _stored_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def describe(loaded: LoadedModel) -> ModelInfo:
-    """A ModelInfo for ``loaded`` (milliseconds; no weights are copied)."""
-    model = loaded.model
-    if loaded.quantized:
-        return _describe_quantized(loaded)
-    summary = model_summary(model)
-    q_bytes, o_bytes = model_bytes(model)
-    estimates = {bits: o_bytes + sum(_estimated_layer_bytes(row["shape"], bits) for row in summary["layers"])
-                 for bits in (4, 3)}
-    return ModelInfo(loaded.name, loaded.source, False, summary["architecture"], summary["parameters"],
-                     summary["blocks"], summary["hidden_size"], summary["bytes"], q_bytes, o_bytes,
-                     summary["layers"], estimates, weights_file_bytes(loaded.source))
+def describe(model) -> ModelInfo:
+    """A ModelInfo for an OriginalModel (from its skeleton and headers) or a quantized LoadedModel."""
+    if model.quantized:
+        return _describe_quantized(model)
+    return _describe_original(model)
+
+
+def _describe_original(original) -> ModelInfo:
+    lazy = original.lazy
+    skeleton = lazy.skeleton
+    dtypes = lazy.stored_dtypes()  # from the safetensors headers
+    linears = quantizable_linears(skeleton)
+    rows, q_bytes = [], 0
+    for name, linear in linears.items():
+        dtype = dtypes.get(f"{name}.weight", lazy.stored_dtype)
+        rows.append({"name": name, "shape": list(linear.weight.shape), "parameters": linear.weight.numel(),
+                     "dtype": str(dtype).removeprefix("torch.")})
+        q_bytes += linear.weight.numel() * dtype.itemsize
+    quantizable = {f"{name}.weight" for name in linears}
+    o_bytes = sum(param.numel() * dtypes.get(name, lazy.stored_dtype).itemsize
+                  for name, param in skeleton.named_parameters() if name not in quantizable)
+    resident = sum(t.numel() * t.element_size() for t in list(skeleton.parameters()) + list(skeleton.buffers())
+                   if not t.is_meta)
+    o_bytes += resident  # buffers computed at open (rotary frequencies)
+    estimates = {bits: o_bytes + sum(_estimated_layer_bytes(row["shape"], bits) for row in rows) for bits in (4, 3)}
+    text = getattr(lazy.config, "text_config", None) or lazy.config
+    return ModelInfo(original.name, original.source, False, type(skeleton).__name__, original.parameters,
+                     len(lazy.blocks), getattr(text, "hidden_size", None), q_bytes + o_bytes, q_bytes, o_bytes,
+                     rows, estimates, weights_file_bytes(original.source) or weights_file_bytes(str(original.folder)),
+                     str(original.stored_dtype).removeprefix("torch."), resident)
 
 
 def _estimated_layer_bytes(shape: list[int], bits: int) -> int:

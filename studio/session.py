@@ -15,6 +15,7 @@ from PySide6.QtCore import QObject, Signal
 from core.config import CalibrationConfig, ChatConfig, EvalConfig, QuantConfig
 from core.models import LoadedModel
 from studio.model_info import ModelInfo
+from studio.original import OriginalModel
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Session(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.model: LoadedModel | None = None
+        self.model: OriginalModel | LoadedModel | None = None  # an original opened lazily, or a quantized model
         self.info: ModelInfo | None = None
         self.stats: list | None = None  # list[core.preview.MatrixStats]
         self.fisher: dict | None = None  # name -> float32 [out, in]
@@ -55,7 +56,7 @@ class Session(QObject):
 
     # ------------------------------------------------------------ the model
 
-    def set_model(self, loaded: LoadedModel, info: ModelInfo) -> None:
+    def set_model(self, loaded: OriginalModel | LoadedModel, info: ModelInfo) -> None:
         """Make ``loaded`` the current model; a quantized one is also offered as a result."""
         self.model, self.info = loaded, info
         self.stats = None
@@ -68,6 +69,7 @@ class Session(QObject):
 
     @property
     def has_dense_model(self) -> bool:
+        """An original (not quantized) model is open."""
         return self.model is not None and not self.model.quantized
 
     def set_stats(self, stats: list) -> None:

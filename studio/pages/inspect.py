@@ -18,8 +18,9 @@ from PySide6.QtWidgets import (
 )
 
 from core.models import block_index, short_module_name
+from studio.format import human_bytes
 from studio.jobs import ANALYSE_STAGES, SENSITIVITY_STAGES, analyse_job, sensitivity_job
-from studio.model_info import matrices, quantized_modules
+from studio.model_info import matrix_names, quantized_modules
 from studio.pages.base import Page, caption, group
 from studio.plots.histogram import HistogramPlot, MatrixHistograms, matrix_histograms
 from studio.plots.layers import LayerBars, LayerHeatMap
@@ -30,6 +31,11 @@ from studio.widgets.readouts import ReadoutsPanel
 
 ANALYSE_TITLE = "Analysing the weights"
 SENSITIVITY_TITLE = "Computing sensitivity"
+# A model whose quantizable weights take more than this is analysed when asked (its pass reads them all
+# from disk, minutes for an 8 B model), smaller ones automatically on the first visit.
+AUTO_ANALYSE_BYTES = 1 << 30
+
+
 class InspectPage(Page):
     title = "Inspect"
     description = ("Quantization stores each weight as one of a few values per row (8 at 3 bits, 16 at 4 bits). "
@@ -43,12 +49,17 @@ class InspectPage(Page):
         self.previewer = Previewer(session, runner, self)
         self._auto_analysed = None
         self._histogram_request = 0
+        self._histogram_key: tuple | None = None  # (matrix, model, Fisher) of the histograms drawn or on the way
+        self._histograms: MatrixHistograms | None = None
         self.matrix_tree = QTreeWidget()
         self.matrix_tree.setHeaderLabel("Matrices")
         self.matrix_tree.setToolTip("Every quantizable matrix, by decoder block and module")
         self.analyse_status = caption("Open a model on the Model page first.")
         self.analyse_button = QPushButton("Analyse weights")
-        self.analyse_button.setToolTip("Condense every matrix once so that the readouts follow the controls live")
+        self.analyse_button.setToolTip("Condense every matrix once, reading them from the weight files one at a "
+                                       "time, so that the readouts follow the controls live. Finished blocks are "
+                                       "cached on disk: a cancelled pass resumes where it stopped.")
+        self.analyse_panel = JobProgressPanel(runner, {"stats": "Matrices"}, show_log=False, show_overall=False)
         self.controls = QuantControls(sliders=True)
         self.readouts_panel = ReadoutsPanel()
         self.readouts = self.readouts_panel.values
@@ -80,6 +91,7 @@ class InspectPage(Page):
         column.addWidget(self.matrix_tree, 1)
         column.addWidget(self.analyse_status)
         column.addWidget(self.analyse_button)
+        column.addWidget(self.analyse_panel)
         sensitivity = QWidget()
         sens_layout = QVBoxLayout(sensitivity)
         sens_layout.setContentsMargins(0, 0, 0, 0)
@@ -135,6 +147,7 @@ class InspectPage(Page):
         self.centroid_row_spin.valueChanged.connect(lambda _row: self._show_matrix())
         self.heatmap.matrix_clicked.connect(self.select_matrix)
         self.analyse_button.clicked.connect(self.analyse)
+        self.runner.finished.connect(self._job_finished)
         # the first visit analyses the model once the loading job has ended
         self.runner.busy_changed.connect(lambda busy: None if busy or not self.isVisible() else self.page_shown())
         self.compute_button.clicked.connect(self.compute_sensitivity)
@@ -144,12 +157,19 @@ class InspectPage(Page):
     # ------------------------------------------------------------ jobs
 
     def analyse(self) -> bool:
-        """Condense every matrix (a job) so that previews can run; automatic on the first visit."""
+        """Condense every matrix (a job, block by block from the files, cached) so that previews can run;
+        automatic on the first visit for models up to AUTO_ANALYSE_BYTES."""
         model = self.session.model
         if model is None or model.quantized:
             return False
-        return self.runner.run(ANALYSE_TITLE, lambda: analyse_job(model, self.session.fisher),
+        self.analyse_panel.watch(ANALYSE_TITLE)
+        return self.runner.run(ANALYSE_TITLE, lambda: analyse_job(model),
                                on_result=lambda stats: self._analysed(model, stats), stages=ANALYSE_STAGES)
+
+    def _job_finished(self, title: str, outcome: str) -> None:
+        """(After the panel's own slot.) A cancelled analysis kept its finished blocks: say so."""
+        if title == ANALYSE_TITLE and outcome == "cancelled":
+            self.analyse_panel.eta_label.setText("cancelled: finished blocks are cached, Analyse resumes")
 
     def _analysed(self, model, stats: list) -> None:
         if model is self.session.model:
@@ -173,18 +193,19 @@ class InspectPage(Page):
         """Analyse a new model automatically, once (a cancelled or failed analysis is not retried)."""
         model = self.session.model
         if self.session.has_dense_model and self.session.stats is None and not self.runner.busy \
-                and self._auto_analysed is not model:
+                and self._auto_analysed is not model and self.session.info.quantizable_bytes <= AUTO_ANALYSE_BYTES:
             self._auto_analysed = model
             self.analyse()
 
     # ------------------------------------------------------------ model and matrix
 
     def _on_model_changed(self) -> None:
+        self._histogram_key, self._histograms = None, None
         self.matrix_tree.clear()
         loaded = self.session.model
         if loaded is not None:
             blocks: dict[int, QTreeWidgetItem] = {}
-            for name in matrices(loaded):
+            for name in matrix_names(loaded):
                 index = block_index(name)
                 if index not in blocks:
                     blocks[index] = QTreeWidgetItem(self.matrix_tree, [f"Block {index}"])
@@ -210,21 +231,35 @@ class InspectPage(Page):
                 return
 
     def _show_matrix(self) -> None:
-        """Histograms of the selected matrix, computed in a light worker (the latest request wins)."""
+        """Histograms of the selected matrix, computed in a light worker (the latest request wins).
+
+        The matrix is read (an original's from its file) once per selection: a redraw for other reasons
+        (a new result's centroids, another LUT row) reuses the histograms drawn or on the way.
+        """
         name, loaded = self.selected_matrix(), self.session.model
-        self._histogram_request += 1
         if name is None or loaded is None:
+            self._histogram_request += 1
+            self._histogram_key, self._histograms = None, None
             self.weight_hist.clear_data("Pick a matrix on the left")
             self.fisher_hist.clear_data("")
             return
-        request, fisher = self._histogram_request, (self.session.fisher or {}).get(name)
-        self.runner.run_light(matrix_histograms, matrices(loaded)[name], fisher, action="drawing the histograms",
-                              on_result=lambda result: self._draw_histograms(request, name, result))
         self.layer_bars.select(name)
+        fisher = (self.session.fisher or {}).get(name)
+        key = (name, id(loaded), id(fisher))
+        if key == self._histogram_key:
+            if self._histograms is not None:
+                self._draw_histograms(self._histogram_request, name, self._histograms)
+            return
+        self._histogram_request += 1
+        self._histogram_key, self._histograms = key, None
+        request = self._histogram_request
+        self.runner.run_light(matrix_histograms, loaded, name, fisher, action="drawing the histograms",
+                              on_result=lambda result: self._draw_histograms(request, name, result))
 
     def _draw_histograms(self, request: int, name: str, result: MatrixHistograms) -> None:
         if request != self._histogram_request:
             return  # the selection moved on meanwhile
+        self._histograms = result
         self.weight_hist.set_histogram(*result.weights)
         self._show_threshold()
         self._show_centroids(name)
@@ -277,7 +312,9 @@ class InspectPage(Page):
             self.analyse_status.setText("This model is already quantized: the histograms show its effective "
                                         "weights. Open the original to tune a setting.")
         elif session.stats is None:
-            self.analyse_status.setText("The readouts need one pass over every matrix (press Analyse).")
+            self.analyse_status.setText(f"The readouts need one pass over every matrix: it reads "
+                                        f"{human_bytes(session.info.quantizable_bytes)} from disk, one matrix at "
+                                        "a time (press Analyse).")
         else:
             with_fisher = " with sensitivity" if session.fisher is not None else ""
             self.analyse_status.setText(f"{len(session.stats)} matrices analysed{with_fisher}.")

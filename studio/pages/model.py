@@ -32,10 +32,16 @@ from studio.pages.base import Page, group
 LOAD_TITLE = "Loading the model"
 FACTS = (("name", "Name"), ("source", "Opened from"), ("architecture", "Architecture"),
          ("parameters", "Parameters"), ("blocks", "Decoder blocks"), ("quantizable", "Quantizable matrices"),
-         ("memory", "Memory now"), ("estimate4", "Estimated at 4 bits"), ("estimate3", "Estimated at 3 bits"))
-FACT_TIPS = {"memory": "Bytes of every weight and buffer as the model is held now.",
+         ("stored", "Stored as"), ("memory", "Memory now"), ("estimate4", "Estimated at 4 bits"),
+         ("estimate3", "Estimated at 3 bits"), ("plan", "Quantizing needs"))
+FACT_TIPS = {"stored": "The weights' dtype in the files, the model's size in it, and the weight files on disk.",
+             "memory": "Bytes of the model's tensors in memory now. An original is opened without its weights: "
+                       "pages read what they need from the files (a matrix for a histogram, one at a time for "
+                       "the statistics) and Evaluate and Chat load it whole in its stored dtype.",
              "estimate4": "Whole model after 4-bit SqueezeLLM with the default 0.5% of weights kept exactly.",
-             "estimate3": "Whole model after 3-bit SqueezeLLM with the default 0.5% of weights kept exactly."}
+             "estimate3": "Whole model after 3-bit SqueezeLLM with the default 0.5% of weights kept exactly.",
+             "plan": "The memory a quantization run holds at its peak, one decoder block at a time, with the "
+                     "calibration setting of the Quantize page (block inputs that do not fit go to disk)."}
 
 
 class ModelPage(Page):
@@ -91,6 +97,8 @@ class ModelPage(Page):
         self.export_action.triggered.connect(self.show_export_dialog)
         session.results_changed.connect(self.update_actions)
         session.model_changed.connect(lambda: self.show_info(self.session.info))
+        session.calibration_changed.connect(self._show_plan)
+        session.quant_config_changed.connect(self._show_plan)
         self.refresh_recent()
         self.show_info(None)
         self.update_actions()
@@ -199,17 +207,23 @@ class ModelPage(Page):
     def show_info(self, info: ModelInfo | None) -> None:
         values = dict.fromkeys(self.facts, "–")
         if info is not None:
+            on_disk = f", {human_bytes(info.file_bytes)} on disk" if info.file_bytes else ""
             values.update(
                 name=info.name + (" (quantized)" if info.quantized else ""), source=info.source,
                 architecture=info.architecture,
                 parameters=f"{human_count(info.parameters)} ({info.parameters:,})",
                 blocks=f"{info.blocks} (hidden size {info.hidden_size})",
                 quantizable=f"{len(info.layers)} matrices, {human_count(info.quantizable_parameters)} weights",
-                memory=human_bytes(info.memory_bytes),
+                stored=(f"{info.stored_dtype}: {human_bytes(info.memory_bytes)}{on_disk}" if info.stored_dtype else
+                        f"quantized{on_disk}"),
+                memory=(human_bytes(info.memory_bytes) if info.resident_bytes is None else
+                        f"{human_bytes(info.resident_bytes)} (the weights stay on disk until a page needs them)"),
                 estimate4=human_bytes(info.estimated_bytes.get(4)) if info.estimated_bytes else "already quantized",
-                estimate3=human_bytes(info.estimated_bytes.get(3)) if info.estimated_bytes else "already quantized")
+                estimate3=human_bytes(info.estimated_bytes.get(3)) if info.estimated_bytes else "already quantized",
+                plan="already quantized" if info.quantized else "")
         for key, label in self.facts.items():
             label.setText(values[key])
+        self._show_plan()
         rows = info.layers if info is not None else []
         self.layers_table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -221,6 +235,20 @@ class ModelPage(Page):
                 self.layers_table.setItem(r, c, item)
         self.layers_table.resizeColumnsToContents()
         self.layers_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+
+    def _show_plan(self) -> None:
+        """What quantizing the open original will hold at its peak (core.memory_plan), against what is free."""
+        model = self.session.model
+        if model is None or model.quantized:
+            return
+        from core.memory_plan import available_memory, plan_for
+
+        calibration = self.session.calibration
+        plan = plan_for(model.lazy, calibration.samples, calibration.seqlen,
+                        fisher=self.session.quant_config.method == "squeezellm")
+        self.facts["plan"].setText(f"about {human_bytes(plan.cpu_peak)} with {calibration.samples} windows of "
+                                   f"{calibration.seqlen} tokens ({human_bytes(available_memory())} free now)")
+        self.facts["plan"].setToolTip(FACT_TIPS["plan"] + "\n" + plan.describe())
 
     def update_actions(self) -> None:
         idle = not self.runner.busy

@@ -243,7 +243,7 @@ class QuantizePage(Page):
         from core.memory_plan import available_memory, plan_for
 
         model = self.session.model
-        plan = plan_for(model.model, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
+        plan = plan_for(model.lazy, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
         free = available_memory()
         spill = "" if plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
         return (f"one block at a time: {plan.describe().replace('needs about', 'about', 1)}; "

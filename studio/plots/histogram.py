@@ -116,9 +116,10 @@ class MatrixHistograms:
     fisher: tuple[np.ndarray, np.ndarray, int] | None
 
 
-def matrix_histograms(module: torch.nn.Module, fisher: torch.Tensor | None) -> MatrixHistograms:
-    """Histograms of a matrix's (effective) weights and of log10 of its Fisher values."""
-    from studio.model_info import dense_weight
+def matrix_histograms(model, name: str, fisher: torch.Tensor | None) -> MatrixHistograms:
+    """Histograms of matrix ``name``'s weights (an original's read from its file alone, a quantized
+    model's effective weights) and of log10 of its Fisher values."""
+    from studio.model_info import matrix_weight
 
-    return MatrixHistograms(value_histogram(dense_weight(module)),
+    return MatrixHistograms(value_histogram(matrix_weight(model, name)),
                             log_histogram(fisher) if fisher is not None else None)

@@ -87,15 +87,15 @@ def test_bad_folder_shows_a_clear_message_and_the_app_keeps_running(qtbot, windo
     assert open_model(qtbot, window, tiny_model_dir) == "done"  # still usable
 
 
-def test_unexpected_error_names_the_log_file(qtbot, window, monkeypatch, studio_home):
-    import core.models
+def test_unexpected_error_names_the_log_file(qtbot, window, monkeypatch, studio_home, tiny_model_dir):
+    import core.lazy_model
 
-    def broken(spec, **kwargs):
+    def broken(folder, *args, **kwargs):
         raise RuntimeError("tensor shapes do not match")  # superqt would swallow a RuntimeError
 
-    monkeypatch.setattr(core.models, "load_model", broken)
+    monkeypatch.setattr(core.lazy_model.LazyModel, "open", staticmethod(broken))
     with qtbot.waitSignal(window.reporter.shown, timeout=10000) as shown:
-        assert open_model(qtbot, window, "demo") == "failed"
+        assert open_model(qtbot, window, tiny_model_dir) == "failed"
     message = shown.args[0]
     assert "Unexpected error" in message and "tensor shapes do not match" in message
     log = studio_home / "data" / "studio.log"
