@@ -73,7 +73,8 @@ class OriginalModel:
         need = self.parameters * SENSITIVITY_BYTES_PER_PARAMETER
         return (yield from self._load(torch.float32, "for the sensitivity of the whole model", need))
 
-    def _load(self, dtype: torch.dtype, purpose: str, need: int | None = None) -> Generator[ProgressEvent, None, LoadedModel]:
+    def _load(self, dtype: torch.dtype, purpose: str,
+              need: int | None = None) -> Generator[ProgressEvent, None, LoadedModel]:
         from core.memory_plan import available_memory
         from core.models import load_model
         from core.units import format_bytes

@@ -11,7 +11,7 @@ READOUTS = (("sparse", "Kept exactly"), ("bits", "Bits per weight"),
 READOUT_TIPS = {"sparse": "Share of the quantizable weights stored exactly: outliers plus sensitive values.",
                 "bits": "Every stored bit of the quantized layers (codes, lookup tables, sparse part) per weight.",
                 "file": "Estimated size of the quantized folder, next to the original weight files.",
-                "memory": "Estimated memory of the quantized model, next to the model as loaded now.",
+                "memory": "Estimated memory of the quantized model, next to the original loaded in its stored dtype.",
                 "range": "The IQR multiplier r behind the thresholds ±T (solved when you give a target share)."}
 
 
@@ -41,6 +41,7 @@ class ReadoutsPanel(QWidget):
         self.values["sparse"].setText(f"{preview.sparse_percent:.2f} % ({preview.outlier_percent:.2f} % outliers)")
         self.values["bits"].setText(f"{preview.bits_per_weight:.2f} bits (original {original_bits:.0f})")
         self.values["file"].setText(f"{human_bytes(preview.total_bytes)}  (original {human_bytes(file_original)})")
-        self.values["memory"].setText(f"{human_bytes(preview.total_bytes)}  (now {human_bytes(info.memory_bytes)})")
+        self.values["memory"].setText(f"{human_bytes(preview.total_bytes)}  "
+                                      f"(original {human_bytes(info.memory_bytes)})")
         self.values["range"].setText("no outliers" if preview.range_multiplier is None else
                                      f"r = {preview.range_multiplier:.2f} × IQR")
