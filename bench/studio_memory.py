@@ -221,6 +221,7 @@ def measure(folder: Path, args: argparse.Namespace, sampler: Sampler) -> dict:
             drive.wait(lambda: inspect.previewer.latest is not None and not inspect.previewer.computing, 300,
                        "previewing the setting")
         drive.end_phase("statistics from the cache")
+        sampler.enter("screenshots")
         if args.screenshots:
             inspect.select_matrix(largest)
             drive.wait(lambda: inspect.weight_hist.counts.sum() == expected, 600, "drawing a histogram")
@@ -262,7 +263,7 @@ def markdown(r: dict) -> str:
     all_blocks = r["blocks_computed"] == r["blocks"]
     scope = "all" if all_blocks else f"{r['blocks_computed']} of the"
     lines = [
-        "## The studio on an 8 B model: memory and time of the Model and Inspect pages",
+        f"## The studio on a big model ({r['model']}): memory and time of the Model and Inspect pages",
         "",
         machine_line(),
         "",
@@ -280,7 +281,7 @@ def markdown(r: dict) -> str:
         "",
         f"- the studio's peak memory stays under 16 GB throughout: {verdict} (VmHWM {_gb(r['vm_hwm'])}, peak "
         f"RssAnon {_gb(peak_anon)}, peak VmRSS {_gb(peak_rss)})",
-        f"- the Model page opens the 8 B folder in under {OPEN_TARGET_SECONDS} s: {open_verdict} "
+        f"- the Model page opens the folder in under {OPEN_TARGET_SECONDS} s: {open_verdict} "
         f"({r['seconds']['open']:.1f} s)",
         "",
         "| phase | seconds | peak RssAnon | peak VmRSS | VmHWM at its end |",
@@ -289,8 +290,11 @@ def markdown(r: dict) -> str:
     names = {"start": "start the app (imports, window)", "open": "open the model (Model page)",
              "histogram": "histogram of the largest matrix",
              "statistics": f"outlier statistics, {r['blocks_computed']} blocks computed ({r['statistics_outcome']})",
-             "statistics from the cache": f"outlier statistics from the cache ({r['cache_outcome']}), previews"}
+             "statistics from the cache": f"outlier statistics from the cache ({r['cache_outcome']}), previews",
+             "screenshots": "screenshots (the histogram drawn again)"}
     for phase, label in names.items():
+        if phase not in r["peaks"]:
+            continue
         peaks = r["peaks"].get(phase, {"rss_anon": 0, "vm_rss": 0})
         lines.append(f"| {label} | {r['seconds'].get(phase, 0.0):.1f} | {peaks['rss_anon'] / 2**20:,.0f} MiB | "
                      f"{peaks['vm_rss'] / 2**20:,.0f} MiB | {r['vm_hwm_by_phase'].get(phase, 0) / 2**20:,.0f} MiB |")

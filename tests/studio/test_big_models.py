@@ -221,3 +221,19 @@ def test_whole_model_sensitivity_that_does_not_fit_is_refused_with_the_way_out(q
     assert "needs about" in shown.args[0] and "Quantize page" in shown.args[0]
     window.reporter.last_dialog.accept()
     assert window.session.fisher is None
+
+
+def test_a_quantized_folder_opens_without_dense_weights(qtbot, window, quantized_dir):
+    from torch import nn
+
+    from studio.model_info import quantized_modules
+
+    assert open_model(qtbot, window, quantized_dir) == "done"
+    wait_idle(qtbot, window)
+    model = window.session.model.model
+    layers = quantized_modules(model)
+    assert len(layers) == 14
+    assert not any(isinstance(module, nn.Linear) for name, module in model.named_modules() if ".layers." in name)
+    dense_bytes = sum(layer.out_features * layer.in_features * 4 for layer in layers.values())
+    # 4-bit codes + a 16-entry LUT per 64-wide row + the sparse part: about a quarter of float32 here
+    assert sum(int(layer.storage_bytes()) for layer in layers.values()) < dense_bytes / 3
