@@ -69,6 +69,7 @@ class BlockMajorPass:
         self.block_args: dict[int, tuple[tuple, dict]] = {}
         self.as_tuple = False
         self.losses: list[float] = []
+        self.head_fisher: torch.Tensor | None = None  # set by top_gradients(head_fisher=True)
 
     @property
     def n_windows(self) -> int:
@@ -132,24 +133,44 @@ class BlockMajorPass:
             yield ProgressEvent("forward", i + 1, upto, f"forward: block {i + 1}/{upto}")
         # h_0 of blocks below ``upto`` stays: the backward sweep recomputes every block from its input
 
-    def top_gradients(self) -> Generator[ProgressEvent, None, list[torch.Tensor]]:
-        """dL_n/dh_N for every window n (CPU, compute dtype) through the model's own norm, head and loss."""
+    def top_gradients(self, head_fisher: bool = False) -> Generator[ProgressEvent, None, list[torch.Tensor]]:
+        """dL_n/dh_N for every window n (CPU, compute dtype) through the model's own norm, head and loss.
+
+        head_fisher: also sum each window's squared gradient of the output head's weight into
+        ``self.head_fisher`` (float32 [vocab, hidden] on the CPU; None without a head weight): the
+        Fisher that weighs a quantized head (core.embed_head). A tied head's gradient here is the
+        head's part only: the embedding's output is replaced by the stored top activation.
+        """
         top = len(self.lazy.blocks)
         grads = []
         self.losses = []
-        for n in range(self.n_windows):
-            hidden = self.store.get(f"h{top}-{n}").to(self.device).requires_grad_(True)
-            first = _Recorder(0, {}, self.as_tuple, replacement=hidden)
-            rest = [_Recorder(i, {}, self.as_tuple) for i in range(1, top)]
-            ids = self.windows[n:n + 1].to(self.device)
-            with self._swapped([first, *rest]):
-                loss = self.lazy.skeleton(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            grads.append(hidden.grad.detach().cpu())
-            self.losses.append(float(loss.detach()))
-            self.store.drop(f"h{top}-{n}")
-            yield ProgressEvent("backward", 0, top, f"loss gradient: window {n + 1}/{self.n_windows}, "
-                                f"loss {float(loss.detach()):.3f}")
+        head = self.lazy.skeleton.get_output_embeddings() if head_fisher else None
+        weight = getattr(head, "weight", None) if head is not None else None
+        fisher = torch.zeros(weight.shape, dtype=torch.float32, device=self.device) if weight is not None else None
+        if weight is not None:
+            weight.requires_grad_(True)
+        try:
+            for n in range(self.n_windows):
+                hidden = self.store.get(f"h{top}-{n}").to(self.device).requires_grad_(True)
+                first = _Recorder(0, {}, self.as_tuple, replacement=hidden)
+                rest = [_Recorder(i, {}, self.as_tuple) for i in range(1, top)]
+                ids = self.windows[n:n + 1].to(self.device)
+                with self._swapped([first, *rest]):
+                    loss = self.lazy.skeleton(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                if fisher is not None:
+                    fisher.add_(weight.grad.float().square())
+                    weight.grad = None
+                grads.append(hidden.grad.detach().cpu())
+                self.losses.append(float(loss.detach()))
+                self.store.drop(f"h{top}-{n}")
+                yield ProgressEvent("backward", 0, top, f"loss gradient: window {n + 1}/{self.n_windows}, "
+                                    f"loss {float(loss.detach()):.3f}")
+        finally:
+            if weight is not None:
+                weight.grad = None
+                weight.requires_grad_(False)
+        self.head_fisher = fisher.cpu() if fisher is not None else None
         return grads
 
     def backward_block(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool = True,

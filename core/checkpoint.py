@@ -7,7 +7,10 @@ config's, present only for mixed precision; readers of format 1 that ignore it s
 each module at its own width from the layout)), the
 tokenizer files, and ``model.safetensors`` with the packed tensors of every quantized
 module (``<name>.qweight``, ``.lookup_table``, ``.sparse_rows/cols/vals``, ``.bias``)
-and every other tensor of the model as it was.
+and every other tensor of the model as it was. A quantized token embedding and output head
+(``core.embed_head``) are described apart from the projections, under ``embed_head``, their tensors
+named after their modules (``model.embed_tokens.table.qweight``, ``lm_head.qweight``; a tied pair
+once, under the embedding).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.embed_head import RECORD_KEY as EMBED_HEAD
+from core.embed_head import empty_modules as empty_embed_head
+from core.embed_head import install as install_embed_head
+from core.embed_head import record as embed_head_record
 from core.half_head import halve_embeddings
 from core.layers import SqueezeLinear
 from core.progress import ProgressEvent
@@ -124,13 +131,17 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
         save_file(_unique_state(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         yield ProgressEvent("save", 1, 3, "saving: config and tokenizer")
         config = model.config.to_dict()
-        layout = module_layout(model)
+        embed_head = embed_head_record(model)
+        layout = {name: info for name, info in module_layout(model).items()
+                  if not _inside_embed_head(name, embed_head)}
         overrides = bits_overrides(layout, (settings.get("config") or {}).get("bits"))
         config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
                                          **settings, **({"bits_overrides": overrides} if overrides else {}),
                                          "modules": layout}
         if halved:
             config["quantization_config"][EMBEDDINGS_DTYPE] = "float16"
+        if embed_head:
+            config["quantization_config"][EMBED_HEAD] = embed_head
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -142,6 +153,14 @@ def save_quantized(model: torch.nn.Module, tokenizer, output: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
     yield ProgressEvent("save", 3, 3, f"saved {output}")
     return output
+
+
+def _inside_embed_head(name: str, embed_head: dict | None) -> bool:
+    """True for a module of the quantized embedding or head (described under ``embed_head``, not ``modules``)."""
+    if not embed_head:
+        return False
+    roots = [part["name"] for part in embed_head.values()]
+    return any(name == root or name.startswith(root + ".") for root in roots)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -228,18 +247,21 @@ def load_quantized(folder: str | os.PathLike, *, device: str = "cpu"):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     half_embeddings = block.get(EMBEDDINGS_DTYPE) == "float16"  # then the model computes in float32
-    dtype = torch.float32 if half_embeddings else next(
+    embed_head = block.get(EMBED_HEAD)  # a quantized embedding / head: the model computes in float32 too
+    dtype = torch.float32 if half_embeddings or embed_head else next(
         (t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     widths = layer_bits(block)
     for name, info in block.get("modules", {}).items():
         model.set_submodule(name, build_quantized_module({**info, "bits": widths[name]}))
+    if embed_head:
+        install_embed_head(model, empty_embed_head(model, embed_head, dtype))
     from core.folder_check import check_shapes
 
     check_shapes(folder, model)  # one line naming the first mismatch, not load_state_dict's hundreds
     result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    model.tie_weights()  # a quantized tied pair is tied by its modules (core.embed_head.install)
     _check_complete(model, folder, result.unexpected_keys)
     if half_embeddings:
         halve_embeddings(model)  # wraps the stored float16 tensors, no copy

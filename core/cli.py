@@ -76,6 +76,11 @@ def _add_quant_settings(p: argparse.ArgumentParser) -> None:
                    help="percent of each matrix's most sensitive weights kept exactly (default 0.05)")
     p.add_argument("--method", default="squeezellm", choices=("squeezellm", "rtn", "rtn-g128"),
                    help="squeezellm, or a round-to-nearest baseline")
+    p.add_argument("--embed-bits", type=int, default=None, metavar="B",
+                   help="token embedding: 4, 6 or 8 bits of lookup-table codes, or 16 for float16 (default "
+                        f"{_default_width('embed_bits')}); a tied embedding and head are stored once, at the larger width")
+    p.add_argument("--head-bits", type=int, default=None, metavar="B",
+                   help=f"output head (lm_head): 4, 6, 8 or 16 (default {_default_width('head_bits')})")
     p.add_argument("--refine", choices=("none", "lnq"), default=None,
                    help="lnq: after k-means, refit each row's lookup table and codes against the layer's output "
                         "error weighted by the loss gradients (same format; slower). Default: "
@@ -90,7 +95,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from(args: argparse.Namespace):
-    from core.config import OutlierConfig, QuantConfig
+    from core.config import EMBED_WIDTHS, OutlierConfig, QuantConfig
 
     if args.outlier_range is not None:
         outliers = OutlierConfig(range_multiplier=args.outlier_range, percent=None)
@@ -100,9 +105,21 @@ def quant_config_from(args: argparse.Namespace):
     refine = _default_refine() if getattr(args, "refine", None) is None else args.refine == "lnq"
     if getattr(args, "refine", None) == "lnq" and args.method != "squeezellm":
         raise ValueError(f"--refine lnq refines SqueezeLLM's tables: use --method squeezellm, not {args.method}")
+    widths = {field: getattr(args, field) for field in ("embed_bits", "head_bits")
+              if getattr(args, field, None) is not None}
+    for field, value in widths.items():
+        if value not in EMBED_WIDTHS:
+            option = "--" + field.replace("_", "-")
+            raise ValueError(f"{option} {value} is not supported: use 4, 6 or 8 (lookup-table codes) or 16 (float16)")
     return QuantConfig(bits=4 if args.bits is None else args.bits, method=args.method, outliers=outliers,
                        sensitivity_percent=args.sensitivity, target_bits=args.target_bits,
-                       refine=refine and args.method == "squeezellm")
+                       refine=refine and args.method == "squeezellm", **widths)
+
+
+def _default_width(field: str) -> int:
+    from core.config import QuantConfig
+
+    return getattr(QuantConfig(), field)
 
 
 def _default_refine() -> bool:

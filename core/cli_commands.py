@@ -81,7 +81,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from core.memory_plan import available_memory, plan_for
     from core.models import load_model
-    from core.preview import collect_stats, model_bytes, preview
+    from core.preview import collect_stats, embed_head_sizes, model_bytes, preview
     from core.sensitivity import load_cached_fisher, load_or_compute_fisher
 
     config = quant_config_from(args)
@@ -92,7 +92,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         fisher = drive(load_or_compute_fisher(loaded.model, loaded.tokenizer, calibration), args.quiet)
     stats = drive(collect_stats(loaded.model, fisher), args.quiet)
     q_bytes, o_bytes = model_bytes(loaded.model)
-    result = preview(stats, config, o_bytes, q_bytes + o_bytes)
+    result = preview(stats, config, o_bytes, q_bytes + o_bytes, embed_head_sizes(loaded.model))
     plan = plan_for(loaded.model, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
     if args.json:
         print(json.dumps({"range_multiplier": result.range_multiplier, "sparse_percent": result.sparse_percent,
@@ -147,9 +147,27 @@ def _run_info(args: argparse.Namespace) -> int:
           f"(multiplier used {block.get('range_multiplier')})")
     print(f"sensitivity:     {config.get('sensitivity_percent', 0)}%")
     print(f"layers:          {len(modules)} quantized, {nnz} sparse values ({block.get('sparse_percent', 0):.3f}%)")
-    print(f"bits per weight: {block.get('bits_per_weight', 0):.3f}")
-    print(f"size on disk:    {format_bytes(folder_bytes(args.folder))}")
+    print(f"bits per weight: {block.get('bits_per_weight', 0):.3f} (the decoder's projections)")
+    print(f"embedding, head: {_embed_head_text(block)}")
+    print(f"size on disk:    {format_bytes(folder_bytes(args.folder))} (the whole folder)")
     return 0
+
+
+def _embed_head_text(block: dict) -> str:
+    """How a folder stores its token embedding and output head (core.embed_head)."""
+    record = block.get("embed_head") or {}
+    kept = "float16" if block.get("embeddings_dtype") == "float16" else "as in the original"
+
+    def part(info: dict | None) -> str:
+        if info is None:
+            return kept
+        nnz = info.get("nnz", 0)
+        return f"{info['bits']}-bit LUT" + (f" + {nnz} sparse" if nnz else "")
+
+    embedding, head = record.get("embedding"), record.get("head")
+    if head is not None and head.get("tied"):
+        return f"{part(embedding)}, tied (stored once)"
+    return f"embedding {part(embedding)}; head {part(head)}"
 
 
 def _configure_build(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ C = TypeVar("C")
 METHODS = ("squeezellm", "rtn", "rtn-g128")
 SUPPORTED_BITS = (2, 3, 4)
 MIXED_BITS = (3, 4)  # the widths a target_bits budget chooses between, per matrix
+EMBED_WIDTHS = (4, 6, 8, 16)  # token embedding / output head: LUT codes of 4, 6 or 8 bits, or 16 = float16
+EMBED_WEIGHTINGS = ("frequency", "none")  # k-means weights of an untied embedding's rows (core.embed_head)
 
 
 def _hint(label: str, tooltip: str, **kw: Any) -> dict[str, Any]:
@@ -85,6 +87,17 @@ class QuantConfig:
         "bits, the 4-bit ones being those whose sensitivity-weighted error drops most per extra bit. "
         "Off: every matrix uses Bits. Quantizing takes about twice as long.",
         min=MIXED_BITS[0], max=MIXED_BITS[1], step=0.05))
+    embed_bits: int = field(default=16, metadata=_hint(
+        "Embedding bits", "Bits per weight of the token embedding: 4, 6 or 8 store it as lookup-table codes "
+        "like the projections (a large share of a small model's file), 16 keeps it in float16. A tied "
+        "embedding and head are stored once, at the larger of the two widths.", choices=EMBED_WIDTHS))
+    head_bits: int = field(default=16, metadata=_hint(
+        "Head bits", "Bits per weight of the output head (lm_head), weighted by its Fisher: 4, 6 or 8, or 16 "
+        "for float16.", choices=EMBED_WIDTHS))
+    embed_weighting: str = field(default="frequency", metadata=_hint(
+        "Embedding weighting", "How an untied embedding's rows are weighted in k-means: by how often each "
+        "token occurs in the calibration text, or not at all (a tied one takes the head's Fisher).",
+        choices=EMBED_WEIGHTINGS))
     refine: bool = field(default=False, metadata=_hint(
         "Refine codes and tables", "After k-means, refit each row's lookup table and codes against the "
         "layer's output error weighted by the loss gradients (LNQ); same file format, lower perplexity "
@@ -95,6 +108,13 @@ class QuantConfig:
             raise ValueError(f"refine = {self.refine!r} must be true or false")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
+        for name, value in (("embed bits", self.embed_bits), ("head bits", self.head_bits)):
+            if isinstance(value, bool) or value not in EMBED_WIDTHS:
+                raise ValueError(f"{name} = {value!r} is not supported: use 4, 6 or 8 (lookup-table codes) "
+                                 "or 16 (float16)")
+        if self.embed_weighting not in EMBED_WEIGHTINGS:
+            raise ValueError(f"embedding weighting {self.embed_weighting!r} is unknown: use "
+                             f"{' or '.join(EMBED_WEIGHTINGS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.target_bits is not None:

@@ -128,6 +128,10 @@ def quantized_skeleton(folder: str | os.PathLike, block: dict) -> nn.Module:
             raise UserError(f"{folder}/config.json describes quantized module {name!r} that cannot exist "
                             f"({reason}): {REQUANTIZE}") from exc
         model.set_submodule(name, module)
+    if block.get("embed_head"):  # a quantized embedding / head (core.embed_head)
+        from core.embed_head import empty_modules, install
+
+        install(model, empty_modules(model, block["embed_head"]))
     model.tie_weights()  # a tied head is stored once, under the embedding's name
     return model
 

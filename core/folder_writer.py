@@ -2,7 +2,7 @@
 
 The blocks' shards are already in the staging folder (``core.staging``); ``write_folder`` adds the
 tensors outside the blocks as stored (the token embedding and an untied head of a float32 model in
-float16, as ``core.half_head`` serves them), config.json with the ``quantization_config`` block, the
+float16, as ``core.half_head`` serves them, or as LUT codes, ``core.embed_head``), config.json with the ``quantization_config`` block, the
 generation config and the tokenizer, then writes one ``model.safetensors`` (folders up to
 ``MERGE_LIMIT``) or the block shards with ``model.safetensors.index.json``, and renames the result
 into place: the output appears complete or not at all.
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.embed_head import replaced_weights
 from core.folder_check import INDEX_FILE, SINGLE_FILE
 from core.lazy_model import LazyModel
 from core.progress import ProgressEvent
@@ -43,7 +44,12 @@ def write_folder(lazy: LazyModel, tokenizer, staging: Staging, settings: dict, r
     final = staging.path / "final"
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir()
-    rest, halved = _outside_tensors(lazy)
+    embed_head = staging.state.get("embed_head") or {}  # a quantized embedding / head (core.embed_head)
+    rest, halved = _outside_tensors(lazy, replaced_weights(embed_head))
+    if embed_head:
+        from safetensors.torch import load_file
+
+        rest.update(load_file(staging.path / "embed-head.safetensors"))
     layout = {}
     for index in range(len(lazy.blocks)):
         layout.update(staging.state["blocks"][str(index)]["modules"])
@@ -55,6 +61,8 @@ def write_folder(lazy: LazyModel, tokenizer, staging: Staging, settings: dict, r
                                      **({"bits_overrides": overrides} if overrides else {}), "modules": layout}
     if halved:
         config["quantization_config"][EMBEDDINGS_DTYPE] = "float16"
+    if embed_head:
+        config["quantization_config"]["embed_head"] = embed_head
     (final / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     generation = lazy.folder / "generation_config.json"
     if generation.is_file():
@@ -70,26 +78,27 @@ def write_folder(lazy: LazyModel, tokenizer, staging: Staging, settings: dict, r
     yield ProgressEvent("save", 3, 3, f"saved {output}")
 
 
-def _outside_tensors(lazy: LazyModel) -> tuple[dict[str, torch.Tensor], bool]:
-    """Stored tensors outside the blocks (a tied pair once), embedding/head halved for float32 models."""
+def _outside_tensors(lazy: LazyModel, replaced: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], bool]:
+    """Stored tensors outside the blocks (a tied pair once), except the ``replaced`` ones (a quantized
+    embedding / head); an embedding / head kept in 16 bits halved for float32 models."""
     skeleton = lazy.skeleton
     seen, rest = set(), {}
     for name, param in skeleton.named_parameters():
         if name.startswith(lazy.block_prefix + ".") or id(param) in seen:
             continue
         seen.add(id(param))
-        if lazy.has(name):
+        if lazy.has(name) and name not in replaced:
             rest[name] = lazy.tensor(name)
     embedding, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
     names = {id(p): n for n, p in skeleton.named_parameters()}
     emb_name = names.get(id(embedding.weight))
     head_name = names.get(id(head.weight)) if head is not None else None
-    if lazy.stored_dtype != torch.float32 or type(embedding) is not nn.Embedding or emb_name not in rest:
+    if lazy.stored_dtype != torch.float32:
         return rest, False
-    targets = [emb_name] + ([head_name] if head_name and head_name != emb_name else [])
-    if head is not None and head_name != emb_name and type(head) is not nn.Linear:
-        targets = [emb_name]
-    if any(float(rest[n].abs().max()) > _FP16_MAX for n in targets):
+    targets = [emb_name] if type(embedding) is nn.Embedding and emb_name in rest else []
+    if head is not None and head_name != emb_name and type(head) is nn.Linear and head_name in rest:
+        targets.append(head_name)  # an untied head (a tied one is the embedding's tensor)
+    if not targets or any(float(rest[n].abs().max()) > _FP16_MAX for n in targets):
         return rest, False
     for n in targets:
         rest[n] = rest[n].to(torch.float16)

@@ -8,7 +8,8 @@ rows are upcast, the head multiplies by the CPU kernel's fp16-weight mat-vec or 
 of row blocks), so the only change is rounding each weight to float16 (relative error <= 2^-11).
 
 ``halve_embeddings(model)`` swaps the modules in place, keeping a tied pair tied (one fp16
-tensor). Quantized folders store the halved matrix (``core.checkpoint``).
+tensor). Quantized folders store the halved matrix (``core.checkpoint``) when the embedding or head
+width is 16; narrower widths store LUT codes instead (``core.embed_head``).
 """
 
 from __future__ import annotations
@@ -87,26 +88,28 @@ def halve_embeddings(model: nn.Module) -> bool:
 
     model: a transformers causal LM (get_input_embeddings / get_output_embeddings). Only a float32
     compute model is changed (its embedding rows stay float32 activations); a tied pair stays tied.
-    A weight already in float16 (as loaded from a quantized folder) is wrapped without a copy.
-    Returns True when the token embedding now holds a float16 table.
+    Each of the two is halved on its own when it is a plain float32 module (the other may be stored
+    as LUT codes, core.embed_head). A weight already in float16 (as loaded from a quantized folder)
+    is wrapped without a copy. Returns True when the embedding or the head now holds a float16 table.
     """
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(embedding, HalfEmbedding):
+    if isinstance(embedding, HalfEmbedding) or isinstance(head, HalfLinear):
         return True
-    if not _halvable(embedding, nn.Embedding) or _compute_dtype(model) != torch.float32:
+    if _compute_dtype(model) != torch.float32:
         return False
-    tied = head is not None and getattr(head, "weight", None) is not None and \
+    halve_embedding = _halvable(embedding, nn.Embedding)
+    halve_head = _halvable(head, nn.Linear)
+    tied = halve_embedding and head is not None and getattr(head, "weight", None) is not None and \
         head.weight.untyped_storage().data_ptr() == embedding.weight.untyped_storage().data_ptr()
-    if head is not None and not _halvable(head, nn.Linear):
-        if tied:  # halving one side only would untie the pair and add a copy
-            return False
-        head = None
+    if tied and not (halve_embedding and halve_head):  # halving one side only would untie the pair and add a copy
+        return False
     cache: dict[int, torch.Tensor] = {}
-    model.set_input_embeddings(HalfEmbedding(_as_half(embedding.weight, cache)))
-    if head is not None:
+    if halve_embedding:
+        model.set_input_embeddings(HalfEmbedding(_as_half(embedding.weight, cache)))
+    if halve_head:
         bias = head.bias.detach() if head.bias is not None else None
         model.set_output_embeddings(HalfLinear(_as_half(head.weight, cache), bias))
-    return True
+    return halve_embedding or halve_head
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype | None:

@@ -128,12 +128,12 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
     if backend == "cpu-ext":
         return _cpu_kernel().lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
                                         sparse_vals, bias)
-    if backend == "cuda-ext":
+    if backend == "cuda-ext" and bits <= 4:  # the CUDA kernels take 2-4 bits; 6 and 8 go to the reference
         from cuda_ext import ops
 
         return ops.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
                               sparse_vals, bias)
-    if backend == "torch":
+    if backend in ("torch", "cuda-ext"):
         return _lut_matmul_torch(x, qweight, lookup_table, bits, in_features,
                                  sparse_rows, sparse_cols, sparse_vals, bias)
     raise RuntimeError(f"unknown lut_matmul backend {backend!r}")
@@ -161,6 +161,39 @@ def _lut_matmul_torch(x, qweight, lookup_table, bits, in_features, sparse_rows, 
     bias32 = bias.to(torch.float32) if bias is not None else None
     # F.linear multiplies by weight^T; passing the transposed view lets BLAS read weight_t as is.
     return F.linear(x.to(torch.float32), weight_t.t(), bias32).to(x.dtype)
+
+
+def lookup_rows(ids: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tensor, bits: int, in_features: int,
+                sparse_rows: torch.Tensor | None = None, sparse_cols: torch.Tensor | None = None,
+                sparse_vals: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``ids`` of the dense weight, float32 [*ids.shape, in_features]: an embedding lookup.
+
+    ids: integer tensor of row indices (tokens); weight arguments as in ``dequantize`` (row r of
+    the weight is column r of qweight). Only the distinct rows asked for are dequantized: their
+    packed columns, LUT rows and CSR entries are indexed first, so a lookup of n tokens costs
+    O(n * in_features), not a pass over the whole table.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    n_rows = qweight.shape[1]
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_rows):
+        raise IndexError(f"token id out of range: the table has {n_rows} rows, got ids in "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    rows, inverse = torch.unique(flat, return_inverse=True)
+    table = dequantize_transposed(qweight.index_select(1, rows), lookup_table.index_select(0, rows), bits,
+                                  in_features).t()  # [len(rows), in] view
+    if _has_sparse(sparse_vals):
+        starts, ends = sparse_rows[rows].to(torch.int64), sparse_rows[rows + 1].to(torch.int64)
+        counts = ends - starts
+        total = int(counts.sum())
+        if total:
+            owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts, output_size=total)
+            first = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts, output_size=total)
+            entries = first + torch.arange(total, device=rows.device)  # positions in sparse_cols / sparse_vals
+            cols = sparse_cols[entries].to(torch.int64)
+            _check_sparse_cols(cols, in_features)
+            table = table.contiguous()
+            table.index_put_((owner, cols), sparse_vals[entries].to(torch.float32), accumulate=True)
+    return table.index_select(0, inverse).view(*ids.shape, in_features)
 
 
 # Rows of an fp16 head weight upcast at a time by the reference (bounds its float32 copy to ~16 MB).

@@ -2,9 +2,11 @@
 
 Codes are packed along the input dimension, 32 inputs at a time: the ``32 * bits`` bits of a
 group fill ``bits`` int32 words as one little-endian bit stream, code ``k`` of the group at
-stream bits ``bits*k .. bits*k + bits - 1`` (SPEC A.6). For 4 and 2 bits no code crosses a word
-(4-bit: word w of a column = sum_t C[8w+t] << 4t); for 3 bits codes 10 and 21 of each group are
-split across two words, exactly as GPTQ / SqueezeLLM pack them. Words are stored as int32
+stream bits ``bits*k .. bits*k + bits - 1`` (SPEC A.6). For 2, 4 and 8 bits no code crosses a
+word (4-bit: word w of a column = sum_t C[8w+t] << 4t; 8-bit: one byte per code); for 3 bits codes
+10 and 21 of each group are split across two words, exactly as GPTQ / SqueezeLLM pack them, and
+for 6 bits every fifth and tenth code of a 16-code run is (the token embedding and output head
+take 6 and 8 bits, ``core.embed_head``). Words are stored as int32
 holding the uint32 bit pattern, so a word with its top bit set reads as negative.
 
 An input dimension that is not a multiple of 32 is padded with code 0 (SPEC H.4); callers keep
@@ -60,8 +62,10 @@ class StreamCodec:
         return torch.stack(parts, dim=1)
 
 
-# Adding a width is one entry here (any width from 1 to 8 works with the stream layout).
-CODECS: dict[int, StreamCodec] = {2: StreamCodec(2), 3: StreamCodec(3), 4: StreamCodec(4)}
+# Adding a width is one entry here (any width from 1 to 8 works with the stream layout) and one in the
+# CPU kernel's width check (cuda_ext/csrc/cpu_lut.cpp). 2-4 bits: the projections; 4, 6 and 8 bits:
+# the token embedding and the output head (core.embed_head).
+CODECS: dict[int, StreamCodec] = {bits: StreamCodec(bits) for bits in (2, 3, 4, 6, 8)}
 
 
 def codec_for(bits: int) -> StreamCodec:

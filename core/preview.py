@@ -50,8 +50,9 @@ class Preview:
     range_multiplier: float | None
     layers: tuple[LayerPreview, ...]
     quantized_bytes: int  # packed codes + LUTs + sparse part of the quantizable layers
-    other_bytes: int  # everything else as stored now (embeddings, norms, lm_head)
+    other_bytes: int  # everything else as the folder stores it (norms; embedding and head at their widths)
     original_bytes: int  # the whole model as loaded
+    embed_head_bytes: int = 0  # of other_bytes: the token embedding and output head at the setting's widths
 
     @property
     def n_weights(self) -> int:
@@ -115,8 +116,66 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return q_bytes, o_bytes
 
 
-def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, original_bytes: int) -> Preview:
-    """The effect of ``config`` (bits, outliers, sensitivity) on the condensed matrices. Fast."""
+@dataclass(frozen=True)
+class EmbedHeadSizes:
+    """A model's token embedding and output head, for size estimates (core.embed_head).
+
+    rows x cols: the embedding's shape (vocabulary x hidden); has_head: an output head over the
+    vocabulary exists; tied: it is the embedding's tensor; stored_bytes: what they take now within
+    the ``other_bytes`` a caller passes to ``preview`` (a tied pair once).
+    """
+
+    rows: int
+    cols: int
+    tied: bool
+    has_head: bool
+    stored_bytes: int
+
+    def folder_bytes(self, config: QuantConfig) -> int:
+        """Bytes the pair takes in a folder quantized with ``config``: LUT codes at ``embed_bits`` /
+        ``head_bits`` (a tied pair once, at the larger width; the sparse share of the setting's outlier
+        target and sensitivity), or float16 at 16 bits."""
+        from core.embed_head import stored_bits
+
+        embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, self.tied)
+        widths = [embed_bits] + ([head_bits] if self.has_head and not self.tied else [])
+        sparse = 0.0
+        if config.method == "squeezellm":
+            sparse = ((config.outliers.percent or 0.0) + config.sensitivity_percent) / 100
+        total = 0
+        for bits in widths:
+            if bits >= 16:
+                total += self.rows * self.cols * 2
+            else:
+                total += packed_layer_bytes(self.rows, self.cols, bits, math.ceil(sparse * self.rows * self.cols))
+        return total
+
+
+def embed_head_sizes(model: torch.nn.Module, dtypes: dict[str, torch.dtype] | None = None) -> EmbedHeadSizes | None:
+    """``EmbedHeadSizes`` of an original model (meta tensors are fine); dtypes: parameter name -> dtype in
+    its files (default: as held). None when the model has no embedding found by discovery."""
+    from core.embed_head import find_embed_head
+
+    found = find_embed_head(model)
+    if found is None:
+        return None
+    names = [found.embedding_weight] + ([found.head_weight] if found.head and not found.tied else [])
+    stored = 0
+    for name in names:
+        tensor = model.get_parameter(name)
+        dtype = (dtypes or {}).get(name, tensor.dtype)
+        stored += tensor.numel() * dtype.itemsize
+    rows, cols = model.get_parameter(found.embedding_weight).shape
+    return EmbedHeadSizes(int(rows), int(cols), found.tied, found.head is not None, stored)
+
+
+def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, original_bytes: int,
+            embed_head: EmbedHeadSizes | None = None) -> Preview:
+    """The effect of ``config`` (bits, outliers, sensitivity) on the condensed matrices. Fast.
+
+    other_bytes: every other tensor as stored now; with ``embed_head`` the embedding and head in it are
+    replaced by what the folder will store at the setting's widths (``EmbedHeadSizes.folder_bytes``).
+    """
     outliers = config.outliers
     multiplier = None
     if config.method == "squeezellm" and outliers.enabled:
@@ -136,7 +195,10 @@ def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, ori
             n_sparse = n_out + n_sens
         layers.append(LayerPreview(m.name, m.shape, threshold, n_out, n_sens, n_sparse))
         total += _layer_bytes(m.shape, config, n_sparse)
-    return Preview(multiplier, tuple(layers), round(total), other_bytes, original_bytes)
+    pair = embed_head.folder_bytes(config) if embed_head is not None else 0
+    if embed_head is not None:
+        other_bytes = other_bytes - embed_head.stored_bytes + pair
+    return Preview(multiplier, tuple(layers), round(total), other_bytes, original_bytes, pair)
 
 
 def _layer_bytes(shape: tuple[int, int], config: QuantConfig, nnz: int) -> float:

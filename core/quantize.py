@@ -8,7 +8,6 @@ between matrices. ``quantize_matrix`` is the per-matrix step (SPEC A.4-A.6, H.1-
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -234,10 +233,20 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
     device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
     With ``config.target_bits`` each matrix gets 3 or 4 bits under that budget (core.mixed_precision).
     Sibling layers that read the same input are linked to run as one kernel call (core.shared_input).
+    The embedding and head are quantized too when ``config.embed_bits`` / ``head_bits`` are below 16
+    (core.embed_head): the head weighted by ``fisher[<head name>]`` when the Fisher includes it
+    (``core.sensitivity.head_target``), an untied embedding unweighted (no calibration text here).
     ``config.refine`` is not applied here: refinement needs each layer's gradient-weighted H, which the
     streaming engine (core.stream_quantize) collects during its backward sweep.
     """
     report = yield from _quantize_linears(model, config, fisher, device)
+    if config.embed_bits < 16 or config.head_bits < 16:
+        from core.embed_head import find_embed_head, quantize_embed_head
+
+        found = find_embed_head(model)
+        head_fisher = fisher.get(found.head) if fisher is not None and found is not None and found.head else None
+        yield ProgressEvent("quantize", len(report.layers), len(report.layers), "embedding and head: k-means")
+        quantize_embed_head(model, config, head_fisher, None, report.range_multiplier)
     link_shared_inputs(model)
     return report
 
@@ -327,7 +336,9 @@ def _matrix_pool(device: str | torch.device, largest: int = 0):
     """
     on_cpu = torch.device(device).type == "cpu"
     one_at_a_time = not on_cpu or largest > LARGE_MATRIX
-    workers = 1 if one_at_a_time else max(1, os.cpu_count() or 1)
+    from core.distributed import cpu_cores
+
+    workers = 1 if one_at_a_time else cpu_cores()  # the machine's cores, shared by the ranks running on it
     threads = torch.get_num_threads()
     if not one_at_a_time:
         torch.set_num_threads(1)

@@ -28,7 +28,8 @@ def compute_fisher(model: torch.nn.Module, windows: torch.Tensor,
                    linears: dict[str, torch.nn.Linear]) -> Generator[ProgressEvent, None, dict[str, torch.Tensor]]:
     """Sum of squared per-window gradients for each linear's weight.
 
-    windows: int64 [n, seqlen] token ids. linears: name -> module (from ``quantizable_linears``).
+    windows: int64 [n, seqlen] token ids. linears: name -> module (from ``quantizable_linears``; add
+    ``head_target(model)`` for the output head's Fisher, which weighs a quantized head).
     Returns name -> float32 [out, in] on the CPU. Yields one event per window.
     The model's ``requires_grad`` flags are restored afterwards.
     """
@@ -61,6 +62,19 @@ def compute_fisher(model: torch.nn.Module, windows: torch.Tensor,
             p.grad = None
         model.train(was_training)
     return {name: f.cpu() for name, f in fisher.items()}
+
+
+def head_target(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """{module name: output head} of a model whose head is a linear layer over the vocabulary, else {}.
+
+    Passed to ``compute_fisher`` with the projections, the head's Fisher is computed by the same pass
+    (a tied head's includes the embedding's share of the gradient)."""
+    from core.embed_head import find_embed_head
+
+    found = find_embed_head(model)
+    if found is None or found.head is None:
+        return {}
+    return {found.head: model.get_submodule(found.head)}
 
 
 def model_fingerprint(model: torch.nn.Module, linears: dict[str, torch.nn.Linear]) -> str:
@@ -125,7 +139,7 @@ def load_cached_fisher(model: torch.nn.Module, calibration: CalibrationConfig) -
     if not path.is_file():
         return None
     fisher = load_file(path)
-    if set(fisher) != set(linears):
+    if set(fisher) != set(linears) | set(head_target(model)):
         return None
     return fisher
 
@@ -134,22 +148,24 @@ def load_or_compute_fisher(model: torch.nn.Module, tokenizer, calibration: Calib
                            ) -> Generator[ProgressEvent, None, dict[str, torch.Tensor]]:
     """The Fisher diagonal for ``model``: from the cache, or computed on calibration windows and cached.
 
-    Returns name -> float32 [out, in] (CPU) for every quantizable linear.
+    Returns name -> float32 [out, in] (CPU) for every quantizable linear, and for the output head
+    (``head_target``), whose Fisher weighs a quantized head (core.embed_head).
     """
     from core.data import calibration_windows, corpus_tokens
     from core.models import quantizable_linears
 
     linears = quantizable_linears(model)
     path = fisher_cache_path(model_fingerprint(model, linears), calibration, source_identity(calibration.source))
+    targets = {**linears, **head_target(model)}
     if path.is_file():
         fisher = load_file(path)
-        if set(fisher) == set(linears):
+        if set(fisher) == set(targets):
             yield ProgressEvent("fisher", 1, 1, "sensitivity: loaded from cache")
             return fisher
     yield ProgressEvent("fisher", 0, calibration.samples, "sensitivity: preparing calibration text")
     tokens = corpus_tokens(tokenizer, calibration.source)
     windows = calibration_windows(tokens, calibration.samples, calibration.seqlen, calibration.seed)
-    fisher = yield from compute_fisher(model, windows, linears)
+    fisher = yield from compute_fisher(model, windows, targets)
     save_fisher(path, fisher, {"calibration": json.dumps(to_dict(calibration))})
     return fisher
 
@@ -188,3 +204,17 @@ class BlockFisherCache:
     def put(self, index: int, fisher: dict[str, torch.Tensor]) -> None:
         if self.enabled:
             save_fisher(self._file(index), fisher, {"block": str(index)})
+
+    # The output head's Fisher (core.embed_head), computed by the same calibration pass.
+    def has_head(self) -> bool:
+        return self.enabled and (self.folder / HEAD_FILE).is_file()
+
+    def get_head(self) -> torch.Tensor:
+        return load_file(self.folder / HEAD_FILE)["head"]
+
+    def put_head(self, fisher: torch.Tensor) -> None:
+        if self.enabled:
+            save_fisher(self.folder / HEAD_FILE, {"head": fisher}, {"part": "head"})
+
+
+HEAD_FILE = "head.safetensors"

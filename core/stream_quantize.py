@@ -30,6 +30,9 @@ from core.progress import ProgressEvent
 from core.quantize import LayerReport, QuantReport, per_matrix, quantize_matrix_widths, squeeze_module
 from core.staging import Staging, save_tensors_atomic
 
+EMBED_HEAD = "embed_head"  # the staging state's record of the quantized embedding / head (core.embed_head)
+EMBED_HEAD_FILE = "embed-head.safetensors"  # their tensors in the staging folder
+
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class StreamQuantizer:
                 yield from self._squeezellm_blocks()
             if self.config.target_bits is not None and "allocation" not in state:
                 yield from self._allocate()
+            if EMBED_HEAD not in state and (self.config.embed_bits < 16 or self.config.head_bits < 16):
+                yield from self._quantize_embed_head()
             report = self._report()
             t0 = time.perf_counter()
             yield from write_folder(self.lazy, self.tokenizer, self.staging, self.settings, report, self.output,
@@ -140,7 +145,11 @@ class StreamQuantizer:
 
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
         cache, hcache = self._fisher_cache(), self._hessian_cache()
-        if cache.complete(self.n_blocks) and (hcache is None or hcache.complete(self.n_blocks)):
+        need_head = self._needs_head_fisher()
+        if cache.complete(self.n_blocks) and (hcache is None or hcache.complete(self.n_blocks)) and \
+                (not need_head or cache.has_head()):
+            if need_head:
+                save_tensors_atomic(self._head_fisher_file(), {"head": cache.get_head()})
             yield from self._blocks_from_cached_fisher(cache, hcache)
             return
         state = self.staging.state
@@ -174,7 +183,11 @@ class StreamQuantizer:
             if done:
                 grads = self.staging.handed_down_grads()
             else:
-                grads = yield from passer.top_gradients()
+                grads = yield from passer.top_gradients(head_fisher=need_head)
+                if passer.head_fisher is not None:  # kept for the head's k-means at the end (and a resume)
+                    save_tensors_atomic(self._head_fisher_file(), {"head": passer.head_fisher})
+                    cache.put_head(passer.head_fisher)
+                    passer.head_fisher = None
             t0 = self._lap("backward", t0)
             for i in range(start, -1, -1):
                 block = self.lazy.load_block(i, self.options.device)
@@ -229,6 +242,40 @@ class StreamQuantizer:
             t0 = self._lap("quantize", t0)
             yield ProgressEvent("quantize", self.n_blocks - i, self.n_blocks,
                                 f"quantized block {i + 1} of {self.n_blocks}", item=self.lazy.block_name(i))
+
+    # ------------------------------------------------------------------ embedding and head
+
+    def _needs_head_fisher(self) -> bool:
+        """True when the head's Fisher weighs a quantized matrix: a quantized head, or a quantized tied pair."""
+        from core.embed_head import find_embed_head
+
+        found = find_embed_head(self.lazy.skeleton)
+        if found is None or found.head is None:
+            return False
+        return self.config.head_bits < 16 or (found.tied and self.config.embed_bits < 16)
+
+    def _head_fisher_file(self) -> Path:
+        return self.staging.path / "head-fisher.safetensors"
+
+    def _quantize_embed_head(self) -> Generator[ProgressEvent, None, None]:
+        """k-means of the embedding and head (core.embed_head) into the staging folder, once per run."""
+        from safetensors.torch import load_file
+
+        from core.embed_head import quantized_modules, record, state_tensors
+
+        t0 = time.perf_counter()
+        widths = f"embedding {self.config.embed_bits}, head {self.config.head_bits} bits"
+        yield ProgressEvent("quantize", self.n_blocks, self.n_blocks, f"embedding and head: k-means ({widths})")
+        self.lazy.load_outside_blocks("cpu")  # loads only what is still on meta
+        fisher_file = self._head_fisher_file()
+        head_fisher = load_file(fisher_file)["head"] if fisher_file.is_file() else None
+        multiplier = (self.staging.state.get("outliers") or {}).get("multiplier")
+        replacements = quantized_modules(self.lazy.skeleton, self.config, head_fisher, self.windows, multiplier)
+        save_tensors_atomic(self.staging.path / EMBED_HEAD_FILE, state_tensors(replacements))
+        self.staging.state[EMBED_HEAD] = record(self.lazy.skeleton, replacements) or {}
+        self.staging.save_state()
+        fisher_file.unlink(missing_ok=True)
+        self._lap("quantize", t0)
 
     # ------------------------------------------------------------------ outliers
 

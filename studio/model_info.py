@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.models import LoadedModel, quantizable_linears
-from core.preview import packed_layer_bytes
+from core.preview import embed_head_sizes, packed_layer_bytes
 
 # The size estimates on the model page assume the default sparse share (0.45% outliers + 0.05% sensitive).
 DEFAULT_SPARSE_FRACTION = 0.005
@@ -43,6 +43,7 @@ class ModelInfo:
     file_bytes: int | None = None  # the weight files on disk, when the model came from disk
     stored_dtype: str | None = None  # an original's dtype in its files ("bfloat16")
     resident_bytes: int | None = None
+    embed_head: object | None = None  # an original's core.preview.EmbedHeadSizes (its embedding and head)
 
     @property
     def quantizable_parameters(self) -> int:
@@ -119,12 +120,24 @@ def _describe_original(original) -> ModelInfo:
     resident = sum(t.numel() * t.element_size() for t in list(skeleton.parameters()) + list(skeleton.buffers())
                    if not t.is_meta)
     o_bytes += resident  # buffers computed at open (rotary frequencies)
-    estimates = {bits: o_bytes + sum(_estimated_layer_bytes(row["shape"], bits) for row in rows) for bits in (4, 3)}
+    embed_head = embed_head_sizes(skeleton, dtypes)
+    estimates = {bits: _estimated_other_bytes(o_bytes, embed_head, bits)
+                 + sum(_estimated_layer_bytes(row["shape"], bits) for row in rows) for bits in (4, 3)}
     text = getattr(lazy.config, "text_config", None) or lazy.config
     return ModelInfo(original.name, original.source, False, type(skeleton).__name__, original.parameters,
                      len(lazy.blocks), getattr(text, "hidden_size", None), q_bytes + o_bytes, q_bytes, o_bytes,
                      rows, estimates, weights_file_bytes(original.source) or weights_file_bytes(str(original.folder)),
-                     str(original.stored_dtype).removeprefix("torch."), resident)
+                     str(original.stored_dtype).removeprefix("torch."), resident, embed_head)
+
+
+def _estimated_other_bytes(other_bytes: int, embed_head, bits: int) -> int:
+    """The tensors outside the projections as a folder of ``bits`` bits with the default embedding and head
+    widths stores them (core.preview.EmbedHeadSizes)."""
+    if embed_head is None:
+        return other_bytes
+    from core.config import QuantConfig
+
+    return other_bytes - embed_head.stored_bytes + embed_head.folder_bytes(QuantConfig(bits=bits))
 
 
 def _estimated_layer_bytes(shape: list[int], bits: int) -> int:

@@ -64,7 +64,7 @@ class Previewer(QObject):
         config = self.session.quant_config
         self._running = True
         self.runner.run_light(preview, stats, self._with_known_multiplier(config), info.other_bytes,
-                              info.memory_bytes, on_result=lambda result: self._done(config, stats, result),
+                              info.memory_bytes, info.embed_head, on_result=lambda result: self._done(config, stats, result),
                               on_end=self._ended, action="previewing the setting")
 
     def _with_known_multiplier(self, config: QuantConfig) -> QuantConfig:

@@ -88,9 +88,14 @@ def _into_place(output: Path, overwrite: bool, write) -> Generator[ProgressEvent
 
 def vllm_export_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be written in the format vLLM's SqueezeLLM loader reads (None if it can)."""
+    from core.embed_head import record
+
     quantized = {n: m for n, m in model.named_modules() if callable(getattr(m, "layout", None))}
     if not quantized:
         return "the model has no quantized layers"
+    if record(model):
+        return ("its token embedding or output head is stored as lookup-table codes and vLLM's SqueezeLLM loader "
+                "reads them dense: quantize with --embed-bits 16 --head-bits 16")
     for name, module in quantized.items():
         if not isinstance(module, SqueezeLinear):
             return f"{name} is a {type(module).__name__} (a round-to-nearest baseline), not a SqueezeLLM layer"

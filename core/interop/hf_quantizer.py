@@ -53,9 +53,15 @@ class SqueezeLLMHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        """Replace the listed linears by empty (meta) quantized modules of the stored sizes."""
+        """Replace the listed linears by empty (meta) quantized modules of the stored sizes, and a quantized
+        embedding / head (``embed_head``, core.embed_head) by theirs."""
         for name, info in self.quantization_config.modules.items():
             model.set_submodule(name, build_quantized_module(info))
+        embed_head = getattr(self.quantization_config, "embed_head", None)
+        if embed_head:
+            from core.embed_head import empty_modules, install
+
+            install(model, empty_modules(model, embed_head, model.dtype))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -46,7 +46,8 @@ struct Weights {
 Weights prepare(const at::Tensor& qweight, const at::Tensor& lut, int64_t bits, int64_t in_features,
                 const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& cols,
                 const c10::optional<at::Tensor>& vals) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8, "bits must be 2, 3, 4, 6 or 8, got ",
+              bits);
   TORCH_CHECK(qweight.device().is_cpu() && lut.device().is_cpu(), "the CPU kernel needs CPU tensors");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, "qweight must be int32 [ceil(in/32)*bits, out]");
   const int64_t groups = (in_features + kGroup - 1) / kGroup, out = qweight.size(1);
@@ -80,12 +81,12 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
 
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
-// Columns per chunk of work: at most 128 (64 above 2 rows), so their partial sums (8 floats per row
-// and column) and LUTs stay in L1, and as many chunks as a multiple of the thread count, so no thread
-// waits for another's extra chunk (192 columns on 2 threads: 2 x 96, not 128 + 64), in multiples of 8
-// (the 4-bit byte path's unit).
-inline int64_t tile_width(int64_t rows, int64_t out) {
-  const int64_t widest = rows <= 2 ? 128 : 64, threads = std::max(1, at::get_num_threads());
+// Columns per chunk of work: at most 128 (64 above 2 rows; 32 for the 64- and 256-entry tables of 6
+// and 8 bits), so their partial sums (8 floats per row and column) and LUTs stay in L1, and as many
+// chunks as a multiple of the thread count, so no thread waits for another's extra chunk (192 columns
+// on 2 threads: 2 x 96, not 128 + 64), in multiples of 8 (the 4-bit byte path's unit).
+inline int64_t tile_width(int64_t rows, int64_t out, int bits) {
+  const int64_t widest = bits > 4 ? 32 : rows <= 2 ? 128 : 64, threads = std::max(1, at::get_num_threads());
   const int64_t chunks = ((out + widest - 1) / widest + threads - 1) / threads * threads;
   return std::max<int64_t>(8, ((out + chunks - 1) / chunks + 7) / 8 * 8);
 }
@@ -107,7 +108,7 @@ void matvec_chunk(const MatvecLayer& L, int64_t chunk, const float* x, const flo
   const int32_t* q = L.w.qweight.data_ptr<int32_t>();
   const Sparse& sp = L.w.sparse;
   const int64_t t8 = L.bytes_path ? t0 + (t1 - t0) / 8 * 8 : t0;  // [t0, t8) by the byte path
-  Scratch luts(L.width * 16);  // fp32 LUT rows, or the byte path's tables (32 bytes per column)
+  Scratch luts(L.width * lut_stride(L.bits));  // fp32 LUT rows, or the byte path's tables (32 bytes per column)
   std::vector<float> dots(L.width * kMaxRows);
 #if SQUEEZE_AVX2
   if (t8 > t0) {
@@ -147,7 +148,7 @@ void lut_matvec(const at::Tensor& xp, std::vector<MatvecLayer>& layers, int64_t 
   std::vector<int64_t> first_chunk{0};  // layer i owns chunks [first_chunk[i], first_chunk[i + 1])
   bool any_bytes = false;
   for (auto& L : layers) {
-    L.width = tile_width(rows, L.out);
+    L.width = tile_width(rows, L.out, L.bits);
     L.chunks = (L.out + L.width - 1) / L.width;
     first_chunk.push_back(first_chunk.back() + L.chunks);
     any_bytes |= L.bytes_path;
@@ -171,7 +172,9 @@ void lut_matvec(const at::Tensor& xp, std::vector<MatvecLayer>& layers, int64_t 
 inline void decode_to(const int32_t* col, int64_t stride, int bits, const float* lut, float* dst) {
 #if SQUEEZE_AVX2
   __m256 v[4];
-  if (bits == 4) decode_group<4>(col, stride, lut, v);
+  if (bits == 8) decode_group<8>(col, stride, lut, v);
+  else if (bits == 6) decode_group<6>(col, stride, lut, v);
+  else if (bits == 4) decode_group<4>(col, stride, lut, v);
   else if (bits == 3) decode_group<3>(col, stride, lut, v);
   else decode_group<2>(col, stride, lut, v);
   for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, v[i]);
@@ -189,7 +192,8 @@ void dequantize_rows(const at::Tensor& qweight, const at::Tensor& lut, int bits,
   constexpr int64_t kRowsPerChunk = 64;
   parallel_chunks((n1 - n0 + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     const int64_t a = n0 + chunk * kRowsPerChunk, b = std::min(n1, a + kRowsPerChunk);
-    Scratch luts((b - a) * 16);
+    const int stride = lut_stride(bits);
+    Scratch luts((b - a) * stride);
     alignas(32) float group[kGroup];
     fill_luts(lut, bits, a, b, luts.get());
     // Group by group, so qweight is read row after row (contiguous runs), as in lut_matvec.
@@ -197,7 +201,7 @@ void dequantize_rows(const at::Tensor& qweight, const at::Tensor& lut, int bits,
       const int64_t k0 = g * kGroup, take = std::min<int64_t>(kGroup, in_features - k0);
       for (int64_t n = a; n < b; ++n) {
         float* dst = w + (n - n0) * ldw + k0;
-        decode_to(q + g * bits * out + n, out, bits, luts.get() + (n - a) * 16, take == kGroup ? dst : group);
+        decode_to(q + g * bits * out + n, out, bits, luts.get() + (n - a) * stride, take == kGroup ? dst : group);
         if (take < kGroup) std::memcpy(dst, group, sizeof(float) * take);
       }
     }

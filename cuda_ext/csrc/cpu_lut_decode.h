@@ -28,15 +28,19 @@ constexpr int kMaxRows = 8;    // mat-vec path handles up to this many rows per 
 
 // --- LUT rows as fp32 --------------------------------------------------------------------------
 
-// Rows [t0, t1) of the lookup table as fp32, 16 floats per row (see decode_group for the layout).
+// Floats per column of a prepared LUT: 16 up to 4 bits (the layout decode_group reads), 2**bits above
+// (6 and 8 bits: the token embedding and output head, core/embed_head.py).
+inline int lut_stride(int bits) { return bits <= 4 ? 16 : 1 << bits; }
+
+// Rows [t0, t1) of the lookup table as fp32, lut_stride(bits) floats per row (see decode_group).
 inline void fill_luts(const at::Tensor& lut, int bits, int64_t t0, int64_t t1, float* dst) {
-  const int entries = 1 << bits;
+  const int entries = 1 << bits, stride = lut_stride(bits);
   const int64_t count = (t1 - t0) * entries;
   const auto type = lut.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
               "lookup_table must be float32, float16 or bfloat16, got ", type);
   // Convert the run of rows in one pass into a packed buffer, then spread it to 16-float rows.
-  float* packed = entries == 16 ? dst : dst + (t1 - t0) * 16 - count;  // tail of dst: spreading never overtakes it
+  float* packed = entries == stride ? dst : dst + (t1 - t0) * stride - count;  // tail of dst: spreading never overtakes it
   if (type == at::kFloat) {
     std::memcpy(packed, static_cast<const float*>(lut.const_data_ptr()) + t0 * entries, sizeof(float) * count);
   } else if (type == at::kHalf) {
@@ -54,7 +58,7 @@ inline void fill_luts(const at::Tensor& lut, int bits, int64_t t0, int64_t t1, f
       std::memcpy(packed + i, &bits32, sizeof(float));
     }
   }
-  if (entries < 16) {
+  if (entries < stride) {
     for (int64_t n = 0; n < t1 - t0; ++n) {
       std::memmove(dst + n * 16, packed + n * entries, sizeof(float) * entries);
       if (bits == 2) std::memcpy(dst + n * 16 + 4, dst + n * 16, sizeof(float) * 4);
@@ -95,7 +99,20 @@ inline __m256 lookup8(__m256 table, uint32_t word, __m256i shifts) {
 
 template <int BITS>
 inline void decode_group(const int32_t* col, int64_t stride, const float* lut, __m256 w[4]) {
-  if constexpr (BITS == 3) {
+  if constexpr (BITS > 4) {
+    // 6 and 8 bits: a table of 2**BITS floats does not fit a register; codes to lanes, then gathers.
+    alignas(32) int32_t idx[kGroup];
+    if constexpr (BITS == 8) {
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t word = static_cast<uint32_t>(col[j * stride]);
+        for (int t = 0; t < 4; ++t) idx[4 * j + t] = static_cast<int32_t>((word >> (8 * t)) & 255u);
+      }
+    } else {
+      for (int k = 0; k < kGroup; ++k) idx[k] = static_cast<int32_t>(group_code(col, stride, BITS, k));
+    }
+    for (int i = 0; i < 4; ++i)
+      w[i] = _mm256_i32gather_ps(lut, _mm256_load_si256(reinterpret_cast<const __m256i*>(idx + 8 * i)), 4);
+  } else if constexpr (BITS == 3) {
     // The 96-bit stream holds code k at bit 3k: four 24-bit chunks of eight codes each.
     const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
     const __m256 table = _mm256_load_ps(lut);
@@ -152,7 +169,7 @@ void tile_dots(const int32_t* q, int64_t out, int64_t groups, const float* luts,
       if ((c & 15) == 0 && g + 1 < groups)
         for (int j = 0; j < BITS; ++j) _mm_prefetch(reinterpret_cast<const char*>(words + (BITS + j) * out + c), _MM_HINT_T0);
       __m256 w[4];
-      decode_group<BITS>(words + c, out, luts + c * 16, w);
+      decode_group<BITS>(words + c, out, luts + c * (BITS <= 4 ? 16 : 1 << BITS), w);
       __m256* a = acc + c * R;
       for (int r = 0; r < R; ++r) {
         __m256 s = _mm256_fmadd_ps(w[0], xv[r][0], a[r]);
@@ -187,15 +204,18 @@ inline void tile_dots_any(const int32_t* q, int64_t out, int bits, int64_t group
                    int64_t ldx, int rows, int64_t t0, int64_t t1, float* dots) {
 #if SQUEEZE_AVX2
   std::unique_ptr<__m256[]> acc(new __m256[(t1 - t0) * rows]);
+  if (bits == 8) return tile_dots_rows<8>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
+  if (bits == 6) return tile_dots_rows<6>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   if (bits == 4) return tile_dots_rows<4>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   if (bits == 3) return tile_dots_rows<3>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   return tile_dots_rows<2>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
 #else
   float w[kGroup];
+  const int stride = lut_stride(bits);
   std::fill(dots, dots + (t1 - t0) * kMaxRows, 0.f);
   for (int64_t c = 0; c < t1 - t0; ++c) {
     for (int64_t g = 0; g < groups; ++g) {
-      for (int k = 0; k < kGroup; ++k) w[k] = luts[c * 16 + group_code(q + g * bits * out + t0 + c, out, bits, k)];
+      for (int k = 0; k < kGroup; ++k) w[k] = luts[c * stride + group_code(q + g * bits * out + t0 + c, out, bits, k)];
       for (int r = 0; r < rows; ++r) {
         const float* xg = x + r * ldx + g * kGroup;
         float s = 0.f;

@@ -61,6 +61,7 @@ class QuantizePage(Page):
         super().__init__(session, runner, parent)
         self.controls = QuantControls(sliders=False, show_method=True)
         self.mixed_form = ConfigForm(session.quant_config, ["target_bits", "refine"])
+        self.embed_form = ConfigForm(session.quant_config, ["embed_bits", "head_bits"])  # core.embed_head
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
             custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
@@ -104,6 +105,7 @@ class QuantizePage(Page):
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow(self.controls)
         form.addRow(self.mixed_form)
+        form.addRow(self.embed_form)
         form.addRow(self.calibration_form)
         form.addRow("Output folder", self.output_picker)
         form.addRow("Device", self.device_combo)
@@ -144,6 +146,7 @@ class QuantizePage(Page):
         session = self.session
         self.controls.changed.connect(self._on_controls_edited)
         self.mixed_form.changed.connect(self._on_mixed_edited)
+        self.embed_form.changed.connect(self._on_embed_edited)
         self.calibration_form.changed.connect(self._on_calibration_edited)
         session.quant_config_changed.connect(self._show_settings)
         session.calibration_changed.connect(self._show_settings)
@@ -175,6 +178,11 @@ class QuantizePage(Page):
         if config is not None:
             self.session.set_quant_config(config)
 
+    def _on_embed_edited(self) -> None:
+        config = self.embed_form.value()
+        if config is not None:
+            self.session.set_quant_config(config)
+
     def _on_calibration_edited(self) -> None:
         calibration = self.calibration_form.value()
         if calibration is not None:
@@ -186,6 +194,8 @@ class QuantizePage(Page):
             self.controls.set_value(config)
         if self.mixed_form.value() != config:
             self.mixed_form.set_value(config)
+        if self.embed_form.value() != config:
+            self.embed_form.set_value(config)
         self.controls.bits_combo.setEnabled(config.target_bits is None)
         self.mixed_form.setEnabled(not self.runner.busy and config.method == "squeezellm")
         if self.calibration_form.value() != self.session.calibration:
@@ -334,7 +344,7 @@ class QuantizePage(Page):
         idle = not self.runner.busy
         dense = self.session.has_dense_model
         self.run_button.setEnabled(idle and dense)
-        for widget in (self.controls, self.calibration_form, self.output_picker, self.device_combo,
+        for widget in (self.controls, self.embed_form, self.calibration_form, self.output_picker, self.device_combo,
                        self.overwrite_check):
             widget.setEnabled(idle)
         self.mixed_form.setEnabled(idle and self.session.quant_config.method == "squeezellm")

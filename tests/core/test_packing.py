@@ -23,7 +23,7 @@ def stream_reference(codes_of_column: list[int], bits: int) -> list[int]:
     return words
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("inp", [32, 576, 33, 1])
 def test_round_trip_is_bit_exact_including_padding(bits, inp):
     codes = random_codes(24, inp, bits, seed=inp + bits)
@@ -34,7 +34,7 @@ def test_round_trip_is_bit_exact_including_padding(bits, inp):
     assert unpack_codes(qweight, bits, inp).dtype == torch.uint8
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_packing_matches_an_independent_bit_stream_oracle(bits):
     codes = random_codes(5, 70, bits, seed=bits)
     qweight = pack_codes(codes, bits)
@@ -79,14 +79,22 @@ def test_two_bit_layout_by_hand():
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="supported widths"):
         pack_codes(random_codes(2, 32, 3), 5)
+    with pytest.raises(ValueError, match="supported widths"):
+        pack_codes(random_codes(2, 32, 3), 7)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         pack_codes(torch.full((2, 32), 8, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="expected int32 with 3 rows"):
         unpack_codes(torch.zeros(4, 2, dtype=torch.int32), 3, 32)
 
 
-def test_registry_holds_two_three_and_four_bits():
-    assert sorted(CODECS) == [2, 3, 4]
+def test_eight_bit_layout_is_one_byte_per_code():
+    codes = torch.arange(32, dtype=torch.uint8).mul(7).view(1, 32)
+    words = as_uint32(pack_codes(codes, 8)[:, 0])
+    assert words == [int.from_bytes(bytes(codes[0, 4 * w:4 * w + 4].tolist()), "little") for w in range(8)]
+
+
+def test_registry_holds_the_projection_and_embedding_widths():
+    assert sorted(CODECS) == [2, 3, 4, 6, 8]  # 2-4: projections; 4, 6, 8: embedding and head
 
 
 def test_csr_round_trip():
