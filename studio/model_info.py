@@ -130,6 +130,24 @@ def _describe_original(original) -> ModelInfo:
                      str(original.stored_dtype).removeprefix("torch."), resident, embed_head)
 
 
+def estimated_folder_bytes(info: ModelInfo, config) -> int:
+    """The whole folder an original would quantize to with ``config`` (a QuantConfig): projections at its
+    width (the mixed target's average), the default sparse share, the embedding and head at their widths."""
+    low, high = 3, 4
+    share = (config.target_bits - low) / (high - low) if config.target_bits is not None else None
+    layers = 0.0
+    for row in info.layers:
+        if share is None:
+            layers += _estimated_layer_bytes(row["shape"], config.bits)
+        else:
+            layers += (1 - share) * _estimated_layer_bytes(row["shape"], low) + share * _estimated_layer_bytes(
+                row["shape"], high)
+    other = info.other_bytes
+    if info.embed_head is not None:
+        other = other - info.embed_head.stored_bytes + info.embed_head.folder_bytes(config)
+    return int(other + layers)
+
+
 def _estimated_other_bytes(other_bytes: int, embed_head, bits: int) -> int:
     """The tensors outside the projections as a folder of ``bits`` bits with the default embedding and head
     widths stores them (core.preview.EmbedHeadSizes)."""

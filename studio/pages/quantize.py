@@ -29,7 +29,7 @@ from core.pipeline import QuantizeJob
 from studio.estimates import estimate_seconds
 from studio.format import human_bytes
 from studio.jobs import QUANTIZE_STAGES, QuantizeOutcome, default_output, quantize_job
-from studio.model_info import describe
+from studio.model_info import describe, estimated_folder_bytes
 from studio.pages.base import Page, align_form_labels, group
 from studio.session import QuantResult
 from studio.widgets.config_form import ConfigForm
@@ -240,13 +240,32 @@ class QuantizePage(Page):
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
             if config.refine:
                 steps.append("refine every row's table and codes against the gradient-weighted layer error")
+        steps.append(self._embed_head_line(config, info))
         steps.append(self._memory_line(config, calibration))
-        steps.append(f"save to {self.output_picker.value() or '(choose a folder)'}")
+        size = f"about {human_bytes(estimated_folder_bytes(info, config))}"
+        if info.file_bytes:
+            size += f" (the file you started from: {human_bytes(info.file_bytes)})"
+        steps.append(f"save {size} to {self.output_picker.value() or '(choose a folder)'}")
         total = sum(seconds.values())
         detail = ", ".join(f"{k} {format_seconds(v)}" for k, v in seconds.items() if v >= 1)
         rough = "under a minute" if total < 60 else format_seconds(total)
         self.summary_label.setText("<br>".join(f"• {s}" for s in steps) +
                                    f"<br><b>Rough time: {rough}</b>{f' ({detail})' if detail and total >= 60 else ''}")
+
+    @staticmethod
+    def _embed_head_line(config: QuantConfig, info) -> str:
+        """How the token embedding and output head will be stored (core.embed_head)."""
+        pair = info.embed_head
+        if pair is None:
+            return "token embedding and head kept as they are"
+
+        def width(bits: int) -> str:
+            return "float16" if bits >= 16 else f"{bits}-bit lookup-table codes"
+
+        if pair.tied:
+            return f"token embedding and head (tied: stored once) as {width(max(config.embed_bits, config.head_bits))}"
+        head = f", head as {width(config.head_bits)}" if pair.has_head else ""
+        return f"token embedding as {width(config.embed_bits)}{head}"
 
     def _memory_line(self, config: QuantConfig, calibration: CalibrationConfig) -> str:
         """What the streaming run will hold at its peak, against what is free now."""
