@@ -18,7 +18,7 @@ from core.progress import ProgressEvent
 T = TypeVar("T")
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
-NOTICE_STAGES = ("plan", "resume")  # events printed as one full line even with --quiet
+NOTICE_STAGES = ("plan", "resume", "ranks")  # events printed as one full line even with --quiet
 
 
 def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:

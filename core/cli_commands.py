@@ -28,6 +28,16 @@ def _configure_quantize(p: argparse.ArgumentParser) -> None:
                    help="folder for activations that do not fit in memory (default: beside the output)")
     p.add_argument("--restart", action="store_true",
                    help="start over instead of resuming an interrupted run into the same output")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="calibrate with N local processes, each on its share of the windows, the cores shared "
+                        "between them (default 1; on GPUs one per GPU). Several machines: run the command under "
+                        "torchrun instead (README, 'Several processes and machines')")
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes: give 1 or more, e.g. 2")
+    return int(text)
 
 
 def _gigabytes(text: str) -> int:
@@ -41,12 +51,18 @@ def _gigabytes(text: str) -> int:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from core.distributed import env_rank
     from core.pipeline import QuantizeJob, run_quantize_job
 
     job = QuantizeJob(model=args.model, output=args.output, config=quant_config_from(args),
                       calibration=calibration_from(args), device=args.device, overwrite=args.overwrite,
                       cpu_memory=args.cpu_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
-                      restart=args.restart)
+                      restart=args.restart, workers=args.workers)
+    if env_rank() > 0:  # a rank of torchrun's other than 0: rank 0 shows the progress and writes the folder
+        from core.progress import run_to_end
+
+        run_to_end(run_quantize_job(job))
+        return 0
     report = drive(run_quantize_job(job), args.quiet)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     if job.config.target_bits is not None:

@@ -27,7 +27,8 @@ class QuantizeJob:
 
     cpu_memory: bytes the run may use (None: 85% of what is free when it starts); block inputs
     beyond it go to ``offload_dir`` (None: inside the output's staging folder). restart: ignore a
-    killed run's progress for this output instead of resuming it.
+    killed run's progress for this output instead of resuming it. workers: start that many local
+    processes, each calibrating on its share of the windows (``core.distributed``).
     """
 
     model: str
@@ -40,6 +41,7 @@ class QuantizeJob:
     gpu_memory: int | None = None
     offload_dir: Path | None = None
     restart: bool = False
+    workers: int = 1  # local processes sharing the calibration (core.rank_launcher); under torchrun leave 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,21 +72,43 @@ def run_quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantRe
     """Quantize ``job.model`` into ``job.output`` block by block; returns the report with per-stage seconds.
 
     Stages: "load", "plan", "forward", "backward" (sensitivity), "quantize", "allocate" (mixed
-    precision), "save". A killed run continues from its last finished block when started again.
+    precision), "save"; with several processes "ranks" (who does what, then what they exchanged).
+    A killed run continues from its last finished block when started again.
+
+    In a process group (torchrun, or ``job.workers`` > 1, which starts one) every rank runs this; rank
+    0 returns the report, the others None once their share is done (``core.distributed``).
     """
-    from core.data import calibration_windows, check_window_fits, corpus_tokens
-    from core.lazy_model import LazyModel, resolve_folder
-    from core.memory_plan import activation_budget, plan_for
-    from core.stream_quantize import StreamOptions, StreamQuantizer
+    from core.distributed import join_ranks
 
     device = resolve_device(job.device)
+    ranks, device = join_ranks(device, job.workers)
+    if job.workers > 1:
+        from core.rank_launcher import launch_workers
+
+        return (yield from launch_workers(job))
+    try:
+        return (yield from _run_job(job, device, ranks))
+    finally:
+        ranks.close()
+
+
+def _run_job(job: QuantizeJob, device: torch.device, ranks) -> Generator[ProgressEvent, None, QuantReport | None]:
+    from core.data import calibration_windows, check_window_fits, corpus_tokens
+    from core.lazy_model import LazyModel
+    from core.memory_plan import activation_budget, available_memory, plan_for
+    from core.stream_quantize import StreamOptions, StreamQuantizer
+
     output = Path(job.output).expanduser().resolve()
-    _check_output(output, job.overwrite)  # fail before the long work, not after it
-    _check_text_source(job.calibration.source)
+
+    def check_inputs() -> None:  # fail before the long work, not after it
+        _check_output(output, job.overwrite)
+        _check_text_source(job.calibration.source)
+
+    ranks.from_main(check_inputs)  # rank 0 writes the output and reads the text: its checks count
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     yield ProgressEvent("load", 0, 1, f"opening {job.model}")
-    folder = yield from resolve_folder(job.model)
+    folder = yield from _resolve_in_turn(job.model, ranks)
     lazy = LazyModel.open(folder)
     if device.type != "cpu":
         lazy = LazyModel.open(folder, compute_dtype_for(device, lazy.stored_dtype))
@@ -94,23 +118,57 @@ def run_quantize_job(job: QuantizeJob) -> Generator[ProgressEvent, None, QuantRe
     if squeezellm:
         check_window_fits(lazy.config, job.calibration.seqlen)
         yield ProgressEvent("load", 0, 1, "preparing calibration text")
-        tokens = corpus_tokens(tokenizer, job.calibration.source)
-        windows = calibration_windows(tokens, job.calibration.samples, job.calibration.seqlen, job.calibration.seed)
-    plan = plan_for(lazy, job.calibration.samples, job.calibration.seqlen, fisher=squeezellm)
-    budget = activation_budget(plan, job.cpu_memory)
+
+        def make_windows() -> dict[str, torch.Tensor]:
+            tokens = corpus_tokens(tokenizer, job.calibration.source)
+            return {"windows": calibration_windows(tokens, job.calibration.samples, job.calibration.seqlen,
+                                                   job.calibration.seed)}
+
+        windows = ranks.tensors_from_main(make_windows, "calibration windows")["windows"]  # rank 0's, everywhere
+    samples = ranks.my_windows(windows).shape[0] if squeezellm else job.calibration.samples
+    plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm)
+    share = ranks.local_world  # the ranks on this machine share its memory
+    budget = activation_budget(plan, job.cpu_memory // share if job.cpu_memory else None,
+                               available_memory() // share if share > 1 else None)
     check_gpu_memory(plan, device, job.gpu_memory)
     seconds["load"] = time.perf_counter() - t0
     yield ProgressEvent("load", 1, 1, f"opened {folder.name}: {len(lazy.blocks)} blocks")
     spill = max(0, plan.activations - budget)
     yield ProgressEvent("plan", 1, 1, f"memory: {plan.describe()}" + (f"; {spill / 2**30:.1f} GB of block inputs "
                                                                       "go to disk" if spill else ""))
+    if ranks.world > 1:
+        yield ProgressEvent("ranks", 1, 1, ranks.describe())
     settings = {"config": to_dict(job.config), "calibration": to_dict(job.calibration) if squeezellm else None,
                 "source_model": job.model}
     options = StreamOptions(device, budget, Path(job.offload_dir).expanduser() if job.offload_dir else None,
-                            job.restart)
+                            job.restart, ranks)
     report = yield from StreamQuantizer(lazy, tokenizer, job.config, output, options, settings, windows).run(
         job.overwrite)
+    if report is None:  # a rank other than 0: its share is done, rank 0 writes the folder
+        return None
     return dataclasses.replace(report, seconds={**seconds, **report.seconds})
+
+
+def _resolve_in_turn(spec: str, ranks) -> Generator[ProgressEvent, None, Path]:
+    """``resolve_folder`` on rank 0 first, then on the others: a model converted into the cache (a .gguf,
+    the demo) is converted once per machine, and rank 0's UserError is every rank's."""
+    from core.lazy_model import resolve_folder
+
+    folder, error = None, None
+    if ranks.main:
+        try:
+            folder = yield from resolve_folder(spec)
+        except UserError as exc:
+            error = exc
+
+    def rank0_result() -> None:
+        if error is not None:
+            raise error
+
+    ranks.from_main(rank0_result)
+    if folder is None:
+        folder = yield from resolve_folder(spec)
+    return folder
 
 
 def load_tokenizer(folder: Path):

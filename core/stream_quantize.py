@@ -12,9 +12,11 @@ block directly. ``core.folder_writer`` then assembles the folder and renames it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import tempfile
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from torch import nn
 from core.activation_store import ActivationStore
 from core.block_pass import BlockMajorPass, block_linears
 from core.config import MIXED_BITS, QuantConfig
+from core.distributed import Ranks
 from core.folder_writer import write_folder
 from core.lazy_model import LazyModel
 from core.outliers import OutlierStats, iqr_threshold, quartiles, solve_range_multiplier
@@ -43,6 +46,7 @@ class StreamOptions:
     activation_budget: int  # bytes of block inputs kept in RAM; the rest spill to offload_dir
     offload_dir: Path | None = None  # default: the staging folder's activations/
     restart: bool = False
+    ranks: Ranks = field(default_factory=Ranks)  # the processes calibrating together (core.distributed)
 
 
 def job_key(lazy: LazyModel, config: QuantConfig, calibration: dict | None, settings: dict) -> dict:
@@ -68,19 +72,27 @@ class StreamQuantizer:
         self.seconds: dict[str, float] = {}
         self.n_blocks = len(lazy.blocks)
         self.refined: dict[tuple[str, int], object] = {}  # (name, bits) -> core.refine.RefineStats until written
+        self.ranks = options.ranks
 
     # ------------------------------------------------------------------ the run
 
     def run(self, overwrite: bool) -> Generator[ProgressEvent, None, QuantReport]:
-        state = self.staging.open()
+        state = self._open_staging()
         try:
             if self.staging.resumed_blocks:
                 yield ProgressEvent("resume", self.staging.resumed_blocks, self.n_blocks,
                                     f"resuming: {self.staging.resumed_blocks} of {self.n_blocks} blocks already done")
             if self.config.method != "squeezellm":
+                if not self.ranks.main:
+                    return None  # nothing to calibrate: rank 0 rounds every block itself
                 yield from self._baseline_blocks()
             elif len(state["blocks"]) < self.n_blocks:
                 yield from self._squeezellm_blocks()
+            if not self.ranks.main:
+                return None  # rank 0 writes the rest
+            traffic = self.ranks.traffic_line(self.n_blocks)
+            if traffic:
+                yield ProgressEvent("ranks", 1, 1, traffic)
             if self.config.target_bits is not None and "allocation" not in state:
                 yield from self._allocate()
             if EMBED_HEAD not in state and (self.config.embed_bits < 16 or self.config.head_bits < 16):
@@ -91,13 +103,22 @@ class StreamQuantizer:
                                     overwrite)
             self.seconds["save"] = self.seconds.get("save", 0.0) + time.perf_counter() - t0
         except (GeneratorExit, KeyboardInterrupt):
-            self.staging.release(keep=bool(self.staging.state["blocks"]))  # cancelled: finished blocks stay
+            if self.ranks.main:
+                self.staging.release(keep=bool(self.staging.state["blocks"]))  # cancelled: finished blocks stay
             raise
         except BaseException:
-            self.staging.release(keep=True)  # a crash or a kill: the same command continues
+            if self.ranks.main:
+                self.staging.release(keep=True)  # a crash or a kill: the same command continues
             raise
         return QuantReport(report.config, report.range_multiplier, report.layers, report.n_weights,
                            report.quantized_bytes, dict(self.seconds))
+
+    def _open_staging(self) -> dict:
+        """Rank 0 takes the staging folder (resuming what it holds); the other ranks get its state, never write."""
+        state = self.ranks.from_main(self.staging.open)
+        if not self.ranks.main:
+            self.staging.state, self.staging.resumed_blocks = state, len(state["blocks"])
+        return state
 
     def _lap(self, name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -146,9 +167,9 @@ class StreamQuantizer:
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
         cache, hcache = self._fisher_cache(), self._hessian_cache()
         need_head = self._needs_head_fisher()
-        if cache.complete(self.n_blocks) and (hcache is None or hcache.complete(self.n_blocks)) and \
-                (not need_head or cache.has_head()):
-            if need_head:
+        if self.ranks.from_main(lambda: cache.complete(self.n_blocks) and (
+                hcache is None or hcache.complete(self.n_blocks)) and (not need_head or cache.has_head())):
+            if need_head and self.ranks.main:
                 save_tensors_atomic(self._head_fisher_file(), {"head": cache.get_head()})
             yield from self._blocks_from_cached_fisher(cache, hcache)
             return
@@ -156,37 +177,44 @@ class StreamQuantizer:
         done = [int(i) for i in state["blocks"]]
         start = min(done) - 1 if done else self.n_blocks - 1  # the backward sweep goes down
         spill = self.staging.path / "activations"
-        if self.options.offload_dir is not None:  # a folder others may use too: a name of this run's own
+        offload = self.options.offload_dir
+        if offload is None and not self.ranks.main:  # the staging folder is rank 0's
+            offload = Path(tempfile.gettempdir()) / "squeeze-activations"
+        if offload is not None:  # a folder others may use too: a name of this run's own
             from core.litter import sweep, temp_path
 
-            self.options.offload_dir.mkdir(parents=True, exist_ok=True)
-            sweep(self.options.offload_dir)
-            spill = temp_path(self.options.offload_dir / "squeeze-activations")
+            offload.mkdir(parents=True, exist_ok=True)
+            sweep(offload)
+            spill = temp_path(offload / "squeeze-activations")
         store = ActivationStore(self.options.activation_budget, spill)
-        passer = BlockMajorPass(self.lazy, self.windows, self.options.device, store)
+        passer = BlockMajorPass(self.lazy, self.ranks.my_windows(self.windows), self.options.device, store)
         try:
             t0 = time.perf_counter()
             passer.prepare()
             stats: dict[str, OutlierStats | tuple[float, float]] = {}
             need_stats = "outliers" not in state
             upto = self.n_blocks if not done else start
-            yield ProgressEvent("forward", 0, upto, f"forward: {self.windows.shape[0]} windows through {upto} blocks")
+            yield ProgressEvent("forward", 0, upto, f"forward: {passer.n_windows} windows through {upto} blocks")
             condensing = self.seconds.get("outliers", 0.0)
-            yield from passer.forward_sweep(upto, (lambda i, b: self._condense(i, stats)) if need_stats else None)
+            condense = (lambda i, b: self._condense(i, stats)) if need_stats and self.ranks.main else None
+            yield from passer.forward_sweep(upto, condense)
             t0 = self._lap("forward", t0)
             self.seconds["forward"] -= self.seconds.get("outliers", 0.0) - condensing  # counted as "outliers"
-            if need_stats:
-                state["outliers"] = self._thresholds(stats)
-                self.staging.save_state()
+            if need_stats:  # the weights' statistics, condensed by rank 0
+                state["outliers"] = self.ranks.from_main(lambda: self._thresholds(stats))
+                if self.ranks.main:
+                    self.staging.save_state()
                 stats.clear()
             self.seconds["outliers"] = self.seconds.get("outliers", 0.0)
             if done:
-                grads = self.staging.handed_down_grads()
+                grads = self.ranks.scatter_grads(self.staging.handed_down_grads() if self.ranks.main else None)
             else:
                 grads = yield from passer.top_gradients(head_fisher=need_head)
                 if passer.head_fisher is not None:  # kept for the head's k-means at the end (and a resume)
-                    save_tensors_atomic(self._head_fisher_file(), {"head": passer.head_fisher})
-                    cache.put_head(passer.head_fisher)
+                    self.ranks.sum_({"head": passer.head_fisher}, "head Fisher sums")
+                    if self.ranks.main:
+                        save_tensors_atomic(self._head_fisher_file(), {"head": passer.head_fisher})
+                        cache.put_head(passer.head_fisher)
                     passer.head_fisher = None
             t0 = self._lap("backward", t0)
             for i in range(start, -1, -1):
@@ -194,22 +222,29 @@ class StreamQuantizer:
                 try:
                     hessians = {} if hcache is not None else None
                     fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0, hessians=hessians)
-                    cache.put(i, fisher)
-                    if hcache is not None:
-                        hcache.put(i, hessians)
+                    self.ranks.sum_(fisher)
+                    if hessians is not None:
+                        self.ranks.sum_(hessians, "H sums")
+                    if self.ranks.main:
+                        cache.put(i, fisher)
+                        if hcache is not None:
+                            hcache.put(i, hessians)
                     t0 = self._lap("backward", t0)
                     yield ProgressEvent("backward", self.n_blocks - i, self.n_blocks,
                                         f"sensitivity: block {i + 1} of {self.n_blocks} (last first)",
                                         item=self.lazy.block_name(i))
                     quantized = yield from self._quantize_block(i, fisher, hessians)
                     del fisher, hessians
-                    self._write_block(i, block, quantized, grads=grads if i > 0 else None)
+                    below = self.ranks.gather_grads(grads) if i > 0 else None
+                    if self.ranks.main:
+                        self._write_block(i, block, quantized, grads=below)
                 finally:
                     self.lazy.release(block)
                 t0 = self._lap("quantize", t0)
                 yield ProgressEvent("quantize", self.n_blocks - i, self.n_blocks,
                                     f"quantized block {i + 1} of {self.n_blocks}", item=self.lazy.block_name(i))
-            self.staging.discard_grads()
+            if self.ranks.main:
+                self.staging.discard_grads()
         finally:
             store.close()
 
@@ -219,15 +254,16 @@ class StreamQuantizer:
         t0 = time.perf_counter()
         if "outliers" not in state:
             stats: dict = {}
-            for i in range(self.n_blocks):
+            for i in range(self.n_blocks if self.ranks.main else 0):  # the weights' statistics: rank 0's
                 block = self.lazy.load_block(i, "cpu")
                 try:
                     self._condense(i, stats)
                 finally:
                     self.lazy.release(block)
                 yield ProgressEvent("forward", i + 1, self.n_blocks, f"outlier statistics: block {i + 1}")
-            state["outliers"] = self._thresholds(stats)
-            self.staging.save_state()
+            state["outliers"] = self.ranks.from_main(lambda: self._thresholds(stats))
+            if self.ranks.main:
+                self.staging.save_state()
         t0 = time.perf_counter()
         yield ProgressEvent("backward", self.n_blocks, self.n_blocks, "sensitivity: from the cache")
         for i in range(self.n_blocks - 1, -1, -1):
@@ -235,8 +271,11 @@ class StreamQuantizer:
                 continue
             block = self.lazy.load_block(i, self.options.device)
             try:
-                quantized = yield from self._quantize_block(i, cache.get(i), hcache.get(i) if hcache else None)
-                self._write_block(i, block, quantized, grads=None)
+                fisher = self.ranks.tensors_from_main(lambda: cache.get(i), "cached Fisher")
+                hessians = self.ranks.tensors_from_main(lambda: hcache.get(i), "cached H") if hcache else None
+                quantized = yield from self._quantize_block(i, fisher, hessians)
+                if self.ranks.main:
+                    self._write_block(i, block, quantized, grads=None)
             finally:
                 self.lazy.release(block)
             t0 = self._lap("quantize", t0)
@@ -327,16 +366,27 @@ class StreamQuantizer:
                                        hessians[name].to(target), timings)
             return by_bits
 
-        result = {}
-        with contextlib.closing(per_matrix(linears, self.options.device, job)) as matrices:
+        local = {}
+        mine = self.ranks.my_matrices(linears)  # the block's matrices are shared out over the ranks
+        with contextlib.closing(per_matrix(mine, self.options.device, job)) if mine else \
+                contextlib.nullcontext(()) as matrices:
             for name, lin, by_bits in matrices:
-                result[name] = {bits: (squeeze_module(q, bits, lin), q) for bits, q in by_bits.items()}
+                local[name] = by_bits
                 yield ProgressEvent("quantize", self.n_blocks - index - 1, self.n_blocks,
                                     f"block {index + 1}: {name.rsplit('.', 1)[-1]} quantized ({by_bits[widths[0]].n_sparse} "
                                     "sparse)", item=name)
         for key, value in timings.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + value
-        return result
+        notes = {name: {str(bits): dataclasses.asdict(self.refined.pop((name, bits))) for bits in by_bits
+                        if (name, bits) in self.refined} for name, by_bits in local.items()}
+        every, notes = self.ranks.gather_matrices(local, {name: n for name, n in notes.items() if n})
+        if notes:
+            from core.refine import RefineStats
+
+            self.refined.update({(name, int(bits)): RefineStats(**stats) for name, by_bits in notes.items()
+                                 for bits, stats in by_bits.items()})
+        return {name: {bits: (squeeze_module(q, bits, lin), q) for bits, q in every[name].items()}
+                for name, lin in linears.items() if name in every}  # rank 0: every matrix; elsewhere none
 
     def _refine(self, name: str, weight: torch.Tensor, fisher: torch.Tensor, by_bits: dict, hessian: torch.Tensor,
                 timings: dict[str, float]) -> dict:
