@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -74,6 +77,11 @@ class QuantizePage(Page):
         self.device_combo.setToolTip("Where the work runs: auto uses the GPU when torch sees one")
         if not torch.cuda.is_available():
             self.device_combo.model().item(2).setEnabled(False)
+        self.workers_spin = QSpinBox()
+        self.workers_spin.setRange(1, max(2, os.cpu_count() or 1, torch.cuda.device_count()))
+        self.workers_spin.setToolTip("Processes sharing the calibration windows (torch.distributed: gloo on CPUs, one "
+                                     "GPU each with GPUs). Each holds a block of its own, so memory grows with them; "
+                                     "1 runs here, in the studio's process.")
         self.overwrite_check = QCheckBox("Replace the folder if it already holds files")
         self.summary_label = QLabel()
         self.summary_label.setObjectName("summary")
@@ -109,6 +117,7 @@ class QuantizePage(Page):
         form.addRow(self.calibration_form)
         form.addRow("Output folder", self.output_picker)
         form.addRow("Device", self.device_combo)
+        form.addRow("Workers", self.workers_spin)
         form.addRow("", self.overwrite_check)
         align_form_labels(form_widget)
         left = QWidget()
@@ -154,6 +163,7 @@ class QuantizePage(Page):
         session.fisher_changed.connect(self._show_summary)
         self.output_picker.changed.connect(self._show_summary)
         self.device_combo.currentIndexChanged.connect(self._show_summary)
+        self.workers_spin.valueChanged.connect(self._show_summary)
         self.run_button.clicked.connect(self.start)
         self.evaluate_button.clicked.connect(lambda: self.open_page.emit("evaluate"))
         self.chat_button.clicked.connect(lambda: self.open_page.emit("chat"))
@@ -271,12 +281,14 @@ class QuantizePage(Page):
         """What the streaming run will hold at its peak, against what is free now."""
         from core.memory_plan import available_memory, plan_for
 
-        model = self.session.model
-        plan = plan_for(model.lazy, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm")
+        model, workers = self.session.model, self.workers_spin.value()
+        windows = math.ceil(calibration.samples / workers)  # each worker keeps the block inputs of its share
+        plan = plan_for(model.lazy, windows, calibration.seqlen, fisher=config.method == "squeezellm")
         free = available_memory()
-        spill = "" if plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
-        return (f"one block at a time: {plan.describe().replace('needs about', 'about', 1)}; "
-                f"{human_bytes(free)} free now{spill}")
+        spill = "" if workers * plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
+        who = "one block at a time" if workers == 1 else \
+            f"{workers} worker processes ({human_bytes(workers * plan.cpu_peak)} in all), each one block at a time"
+        return f"{who}: {plan.describe().replace('needs about', 'about', 1)}; {human_bytes(free)} free now{spill}"
 
     # ------------------------------------------------------------ the run
 
@@ -292,7 +304,7 @@ class QuantizePage(Page):
             return False
         job = QuantizeJob(model=model.source, output=Path(output).expanduser(), config=self.session.quant_config,
                           calibration=calibration, device=self.device_combo.currentData(),
-                          overwrite=self.overwrite_check.isChecked())
+                          overwrite=self.overwrite_check.isChecked(), workers=self.workers_spin.value())
         for r in range(self.layers_table.rowCount()):
             for c, text in ((1, "waiting"), (2, ""), (3, "")):
                 self.layers_table.setItem(r, c, QTableWidgetItem(text))
@@ -364,7 +376,7 @@ class QuantizePage(Page):
         dense = self.session.has_dense_model
         self.run_button.setEnabled(idle and dense)
         for widget in (self.controls, self.embed_form, self.calibration_form, self.output_picker, self.device_combo,
-                       self.overwrite_check):
+                       self.workers_spin, self.overwrite_check):
             widget.setEnabled(idle)
         self.mixed_form.setEnabled(idle and self.session.quant_config.method == "squeezellm")
         has_result = self.session.latest_result is not None

@@ -237,3 +237,22 @@ def test_a_quantized_folder_opens_without_dense_weights(qtbot, window, quantized
     dense_bytes = sum(layer.out_features * layer.in_features * 4 for layer in layers.values())
     # 4-bit codes + a 16-entry LUT per 64-wide row + the sparse part: about a quarter of float32 here
     assert sum(int(layer.storage_bytes()) for layer in layers.values()) < dense_bytes / 3
+
+
+def test_quantize_page_runs_two_workers(qtbot, window, tiny_model_dir, corpus_file, tmp_path):
+    from tests.studio.helpers import small_calibration
+
+    assert open_model(qtbot, window, tiny_model_dir) == "done"
+    wait_idle(qtbot, window)
+    small_calibration(window, corpus_file)
+    window.show_page("quantize")
+    page = window.pages["quantize"]
+    page.workers_spin.setValue(2)
+    assert "2 worker processes" in page.summary_label.text()
+    output = tmp_path / "tiny-sq4-2w"
+    page.output_picker.set_value(str(output))
+    assert run_and_wait(qtbot, window, page.run_button.click, timeout=300000) == "done"
+    assert (output / "config.json").is_file()
+    assert "rank 0 of 2" in page.panel.log_view.toPlainText()
+    assert window.session.latest_result.path == output.resolve()
+    assert all(page.layers_table.item(r, 1).text() == "done" for r in range(14))
