@@ -33,6 +33,9 @@ SHAPES = {
     "1.1b": ("tinyllama-1.1b-shape-random-bf16", {
         "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
         "num_key_value_heads": 4, "tie_word_embeddings": False}),
+    "1.1b-11": ("tinyllama-1.1b-width-11-layers-random-bf16", {  # half the depth: memory against depth
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 11, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "tie_word_embeddings": False}),
     "3b": ("llama-3.2-3b-shape-random-bf16", {
         "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
         "num_key_value_heads": 8, "tie_word_embeddings": True, "rope_theta": 500000.0}),
@@ -41,6 +44,7 @@ SHAPES = {
         "num_key_value_heads": 8, "tie_word_embeddings": False, "rope_theta": 500000.0}),
 }
 LABELS = {"tiny": "tiny LLaMA (hidden 256, 4 layers)", "1.1b": "TinyLlama-1.1B shape",
+          "1.1b-11": "TinyLlama-1.1B width, 11 layers",
           "3b": "Llama-3.2-3B shape", "8b": "Llama-3.1-8B shape"}
 MAX_SHARD_BYTES = 3_500_000_000
 CHUNK = 8 * 2**20  # elements generated at a time (32 MB of float32)

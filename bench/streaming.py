@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.big_models import LABELS, default_workdir, folder_parameters, random_folder
-from bench.streaming_report import RESULTS, ROOT, SIZES, WHOLE_BYTES_PER_PARAMETER, load_results, markdown
+from bench.streaming_report import RESULTS, ROOT, SHAPES, WHOLE_BYTES_PER_PARAMETER, load_results, markdown
 
 GUARD_BYTES = 3 * 2**30  # a worker is stopped when its RssAnon gets this close to MemAvailable
 SHARED_CACHE = ("kernels", "corpus", "tokens", "models")  # everything but the Fisher cache is shared
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="*", choices=SIZES, default=list(SIZES), help="none: only the demo comparison")
+    parser.add_argument("--sizes", nargs="*", choices=SHAPES, default=list(SHAPES),
+                        help="none: only the demo comparison")
     parser.add_argument("--modes", nargs="+", choices=("whole", "stream"), default=["whole", "stream"],
                         help="whole runs only where it fits")
     parser.add_argument("--samples", type=int, default=4)

@@ -67,11 +67,12 @@ def test_targets_are_judged_from_the_numbers():
     small = _row("1.1B", 1.17e9, 44e6, 2.0, 4.0, {"split": 10.0, "save": 5.0, "forward": 8, "total": 30}, 5.0)
     whole = dict(small, mode="whole", seconds_per_window=4.5)
     good = _row("8B", 7.38e9, 218e6, 5.0, 12.0, {"split": 70.0, "save": 33.0, "forward": 50, "total": 200}, 30.0)
-    results = {"1.1b/whole": whole, "1.1b/stream": small, "8b/stream": good}
+    half = dict(small, parameters=0.69e9, peak_rss_anon_mib=1.8e9 / 2**20, size="1.1b-11")
+    results = {"1.1b/whole": whole, "1.1b/stream": small, "8b/stream": good, "1.1b-11/stream": half}
     text = streaming_report.markdown(results, machine="_m_", latest="now", mem_total=24 * 2**30, quick=False)
     assert "10 GB and VmHWM under 16 GB: **met** (5.00 GB RssAnon, 12.00 GB VmHWM)" in text
     assert "1.3x of the whole-model path at 1.1B: **met** (5.0 s against 4.5 s: 1.11x)" in text
-    assert "not with the model" in text and "**met**: bytes per parameter" in text
+    assert "not with the model" in text and "**met** (grew 191 MiB for 0.48 B added parameters" in text
     assert "1.1B to 8B: split 1.11x, save 1.05x" in text  # forward is the calibration pass: not judged
     assert "The whole-model path is not run at 8B (89 GB)" in text
 
@@ -80,7 +81,10 @@ def test_targets_are_judged_from_the_numbers():
     text = streaming_report.markdown({**results, "8b/stream": slow}, machine="_m_", latest="now",
                                      mem_total=24 * 2**30, quick=False)
     assert "VmHWM under 16 GB: **not met** (20.00 GB RssAnon" in text
-    assert "the whole-model path ~12): **not met**" in text
+    deeper = dict(half, peak_rss_anon_mib=1.2e9 / 2**20)  # 0.8 GB more for 0.48 B added parameters
+    text = streaming_report.markdown({**results, "8b/stream": slow, "1.1b-11/stream": deeper}, machine="_m_",
+                                     latest="now", mem_total=24 * 2**30, quick=False)
+    assert "by ~600%): **not met** (grew 763 MiB" in text
     assert "**not met** (1.1B to 8B: split 6.34x" in text
     stopped = streaming_report.markdown({"8b/stream": {"label": "8B", "mode": "stream", "parameters": 7.38e9,
                                                        "stopped": "stopped: RssAnon passed 19.0 GiB"}},
