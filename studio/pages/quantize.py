@@ -116,8 +116,11 @@ class QuantizePage(Page):
         form.addRow(self.embed_form)
         form.addRow(self.calibration_form)
         form.addRow("Output folder", self.output_picker)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Workers", self.workers_spin)
+        where = QHBoxLayout()  # one row: the form is already taller than a small screen
+        where.addWidget(self.device_combo, 1)
+        where.addWidget(QLabel("Workers"))
+        where.addWidget(self.workers_spin)
+        form.addRow("Device", where)
         form.addRow("", self.overwrite_check)
         align_form_labels(form_widget)
         left = QWidget()
