@@ -32,6 +32,8 @@ BENCHMARKS_TO_RUN = {
     "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
     "scale": ("bench.memory_scale", [], ["--new-tokens", "4", "--rounds", "1"], "peak memory and decode at 1.1 B parameters"),
     "streaming": ("bench.streaming", [], ["--quick"], "peak memory and stage times quantizing 1.1 B / 3 B / 8 B models"),
+    "distributed": ("bench.distributed", [], ["--samples", "4", "--seqlen", "256"],
+                    "wall time of 1 against 2 ranks (--workers) on the demo model, bytes exchanged per block"),
     "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
     "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
 }

@@ -33,7 +33,8 @@ from core.errors import UserError
 from core.progress import ProgressEvent
 
 JOB_ENV = "SQUEEZE_JOB"
-STOP_GRACE_S = 10.0  # a stopped child gets this long to clean up before SIGKILL
+STOP_GRACE_S = 3.0  # a stopped child gets this long to clean up, then SIGKILL (one blocked in a collective
+# cannot run its Python handler; the staging folder is consistent at any instant)
 SETTLE_S = 2.0  # after a failure, how long the others get to stop on their own (they name no cause)
 EXIT_USAGE, EXIT_CANCELLED = 2, 130
 
