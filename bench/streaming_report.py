@@ -87,11 +87,15 @@ def target_window(results: dict) -> str:
     return f"{head}: **not measured yet**"
 
 
+STAGE_ORDER = ("load", "fisher", "forward", "backward", "outliers", "split", "kmeans", "packing", "quantize", "save")
+
+
 def stage_names(rows: list[dict]) -> list[str]:
+    """The stages any row reports, in the order a run goes through them (unknown ones last)."""
     names: list[str] = []
     for row in rows:
         names += [k for k in row.get("seconds", {}) if k not in names]
-    return names
+    return sorted(names, key=lambda n: STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER))
 
 
 def target_linear(results: dict) -> str:
