@@ -1,7 +1,8 @@
 """Quantizing 1.1 B, 3 B and 8 B-parameter models on a 24 GB machine: peak memory and time per stage.
 
 python -m bench.streaming [--sizes 1.1b 3b 8b] [--modes whole stream] [--samples 4] [--seqlen 512] [--no-demo]
-                          [--quick] [--workdir DIR] [--output FILE]
+                          [--probe] [--quick] [--workdir DIR] [--output FILE]
+python -m bench.streaming --sizes --no-demo --probe      (only the one-process per-block stage probe)
 python -m bench.streaming --worker {stream,whole} MODEL OUT [--samples N] [--seqlen L] [--bits B] [--eval-windows N]
 
 Random-weight bf16 LLaMA folders with the shapes of TinyLlama-1.1B, Llama-3.2-3B and Llama-3.1-8B
@@ -157,6 +158,17 @@ def measure_demo(workdir: Path, args, results: dict, stamp: dict) -> None:
             _save(results)
 
 
+def measure_probe(workdir: Path, results: dict, stamp: dict) -> None:
+    from bench.streaming_probe import ROUNDS, probe
+
+    folders = {LABELS[size]: random_folder(size, workdir, log=lambda m: print(m, flush=True)) for size in ("1.1b", "8b")}
+    before = os.getloadavg()[0]
+    widths = probe(folders, log=lambda m: print(m, flush=True))
+    results["probe"] = {"widths": widths, "rounds": ROUNDS, **stamp,
+                        "load": f"{before:.1f} / {os.getloadavg()[0]:.1f}"}
+    _save(results)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -177,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-samples", type=int, default=100, help="the default run's calibration windows")
     parser.add_argument("--demo-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--probe", action="store_true", help="per-block stage costs at the 1.1b and 8b widths, "
+                        "in one process (bench.streaming_probe)")
     parser.add_argument("--quick", action="store_true", help="a tiny random LLaMA and a 2-window demo run")
     parser.add_argument("--output", type=Path, default=None, help="the markdown file (default BENCHMARKS.md)")
     parser.add_argument("--workdir", type=Path, default=None, help="model folders (default $SQUEEZE_BENCH_DIR "
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     measure_sizes(["tiny"] if args.quick else args.sizes, args.modes, workdir, args, results, stamp)
     if not args.no_demo:
         measure_demo(workdir, args, results, stamp)
+    if args.probe:
+        measure_probe(workdir, results, stamp)
     from bench.report import machine_line, update_section
 
     text = markdown(results, machine=machine_line(), latest=stamp["run"], mem_total=meminfo("MemTotal"),
