@@ -76,6 +76,9 @@ case "$cmd" in
   test)
     setup
     export QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1
+    # llama.cpp's tools, for the test that runs our GGUF export in llama.cpp: built once into the cache
+    # (a few minutes on 2 cores); a failure is reported by that test, with the reason
+    "$PY" -m bench.llamacpp_tools || echo "(llama.cpp's tools were not built: see the message above)" >&2
     "$VENV/bin/lint-imports" --config pyproject.toml
     exec "$PY" -m pytest -q "$@" ;;
   *)

@@ -8,7 +8,10 @@ float16 (or float32), 1-D tensors in float32, no ``output.weight`` when the embe
 and q_proj/k_proj rows permuted into llama.cpp's rotary layout: reshape the rows to
 ``[heads, 2, head_dim/2]``, swap the two inner axes (HF's "first half / second half" of each
 head becomes interleaved pairs), using the KV head count for k_proj. Readers undo it on load.
-Tokenizer (token list, types, BPE merges or scores, special ids) and chat template come along.
+Tokenizer (token list, types, BPE merges or scores, special ids) and chat template come along: copied
+from the GGUF file the model was quantized from when there is one, else derived from tokenizer.json
+with llama.cpp's name for the pre-tokenizer (``tokenizer.ggml.pre``; llama.cpp refuses names it
+does not know).
 """
 
 from __future__ import annotations
@@ -170,7 +173,11 @@ def _producer(module, tensor: torch.Tensor, dequantize: bool, heads: int | None)
 
 def add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> None:
     """Token list and types (padded to the embedding's ``vocab_size``), BPE merges or scores,
-    special token ids, add-bos/eos flags and the chat template."""
+    special token ids, add-bos/eos flags and the chat template.
+
+    When the folder was quantized from a GGUF file that is still there and has the same token list,
+    its ``tokenizer.*`` metadata is copied as it is (llama.cpp's converter wrote it); otherwise it is
+    derived from the folder's tokenizer.json."""
     import gguf
 
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")) \
@@ -180,15 +187,50 @@ def add_tokenizer(writer, tokenizer, folder: Path, vocab_size: int) -> None:
                         "save the tokenizer with transformers into the folder, or export hf-dense")
     sentencepiece_style = not _byte_level(spec)
     tokens, types = _token_table(tokenizer, vocab_size, sentencepiece_style)
+    source = source_gguf(folder)
+    if source is not None and copy_tokenizer_metadata(writer, source, tokens):
+        return
     writer.add_tokenizer_model("llama" if sentencepiece_style else "gpt2")
     if not sentencepiece_style:
-        writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer")))
+        writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer, spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
     if sentencepiece_style:  # llama.cpp merges sentencepiece pairs by score: best merge first
         writer.add_token_scores(merge_scores(tokens, types, special.merges))
     special.add_to_gguf(writer, quiet=True)
+
+
+def source_gguf(folder: Path) -> Path | None:
+    """The GGUF file the quantized ``folder`` was made from, when its config names one that exists
+    (``source_model``: "demo" or a path ending in .gguf)."""
+    from core.models import demo_gguf_path
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    source = str((config.get("quantization_config") or {}).get("source_model") or "").strip()
+    if source == "demo":
+        try:
+            return demo_gguf_path()
+        except UserError:
+            return None
+    path = Path(source).expanduser()
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
+
+
+def copy_tokenizer_metadata(writer, source: Path, tokens: list[str]) -> bool:
+    """Copy every ``tokenizer.*`` key of GGUF ``source`` into ``writer`` when its token list is
+    ``tokens``; False (nothing written) when it is not (another vocabulary, or padded differently)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    listed = fields.get("tokenizer.ggml.tokens")
+    if listed is None or len(listed.data) != len(tokens) or listed.contents() != tokens:
+        return False
+    for key, field in fields.items():
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1] if array else None)
+    return True
 
 
 def _byte_level(spec: dict) -> bool:
@@ -241,13 +283,26 @@ def merge_scores(tokens: list[str], types: list[int], merges: list[str]) -> list
             for i, (t, kind) in enumerate(zip(tokens, types))]
 
 
+def llama_cpp_pre_tokenizer(tokenizer, pre: dict | None) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a gpt2-style tokenizer: by the hash of its tokens for
+    a fixed text, as llama.cpp's converter decides (core.interop.gguf_pre_tokenizers), else from the
+    tokenizer.json ``pre_tokenizer`` steps (``pre_tokenizer_name``)."""
+    from hashlib import sha256
+
+    from core.interop.gguf_pre_tokenizers import CHECK_TEXT, PRE_TOKENIZER_BY_HASH
+
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    return PRE_TOKENIZER_BY_HASH.get(digest) or pre_tokenizer_name(pre)
+
+
 def pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's name for a gpt2-style pre-tokenizer described in tokenizer.json ("default" when
-    it is not one of the few recognised here; llama.cpp then splits like GPT-2)."""
+    it is not one of the few recognised here: llama.cpp then applies its generic split rules, which
+    may tokenize some text differently from the model's own tokenizer)."""
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
