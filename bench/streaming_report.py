@@ -220,9 +220,11 @@ def demo_table(results: dict) -> list[str]:
              "|---|---:|---:|---:|---:|"]
     for mode, r in rows:
         if r:
-            lines.append(f"| {mode} | {r.get('perplexity', float('nan')):.3f} | {r['seconds_per_window']:.1f} | "
-                         f"{_mib(r['peak_rss_anon_mib'])} | {r['seconds']['total']:.0f} |")
-    return lines + [""]
+            mark = " *" if r.get("note") else ""
+            lines.append(f"| {mode} | {r.get('perplexity', float('nan')):.3f} | {r['seconds_per_window']:.1f}{mark} | "
+                         f"{_mib(r['peak_rss_anon_mib'])} | {r['seconds']['total']:.0f}{mark} |")
+    notes = [f"\\* {mode}: {r['note']}." for mode, r in rows if r and r.get("note")]
+    return lines + [""] + ([*notes, ""] if notes else [])
 
 
 def markdown(results: dict, *, machine: str, latest: str, mem_total: int, quick: bool) -> str:
