@@ -72,12 +72,17 @@ def probe(folders: dict[str, Path], rounds: int = ROUNDS, log=print) -> dict:
             for label, rows in runs.items()}
 
 
+def by_size(result: dict) -> list[tuple[str, dict]]:
+    """The probed widths, fewest weights first (the results file sorts keys by name)."""
+    return sorted(result["widths"].items(), key=lambda item: item[1]["weights"])[:2]
+
+
 def probe_lines(result: dict) -> list[str]:
     """The probe's table for BENCHMARKS.md (empty without a probe)."""
     if not result or len(result.get("widths", {})) < 2:
         return []
-    (small_label, small), (large_label, large) = list(result["widths"].items())[:2]
-    stages = list(small["per_million"])
+    (small_label, small), (large_label, large) = by_size(result)
+    stages = [s for s in ("outliers", "split", "kmeans") if s in small["per_million"]]
     lines = [f"Per-block stages at two widths in one process (bench.streaming --probe, {result['run']}, "
              f"{result['commit']}, load {result['load']}): block 0 of each folder, alternating, median of "
              f"{result['rounds']} rounds, seconds per million weights (split and k-means: CPU-seconds summed "

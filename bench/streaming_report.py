@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.big_models import SHAPES as BIG_SHAPES
-from bench.streaming_probe import probe_lines
+from bench.streaming_probe import by_size, probe_lines
 from bench.streaming_worker import CALIBRATION_STAGES, NOT_STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def target_linear(results: dict) -> str:
     whole_runs = f"{small['label']} to {large['label']}: {listed}"
     probe = results.get("probe")
     if probe and len(probe.get("widths", {})) >= 2:
-        (_, a), (_, b) = list(probe["widths"].items())[:2]
+        (_, a), (_, b) = by_size(probe)
         probed = {k: b["per_million"][k] / a["per_million"][k] for k in a["per_million"]}
         judged = {**ratios, **probed}  # the probed stages from the probe, the others from the whole runs
         verdict = all(r <= LINEAR_TARGET for r in judged.values())
