@@ -35,6 +35,9 @@ BENCHMARKS_TO_RUN = {
     "distributed": ("bench.distributed", [], ["--samples", "4", "--seqlen", "256"],
                     "wall time of 1 against 2 ranks (--workers) on the demo model, bytes exchanged per block"),
     "accuracy": ("bench.accuracy", [], ["--skip-original", "--samples", "8"], "perplexity of every method"),
+    "llamacpp": ("bench.llamacpp", [], ["--samples", "8", "--chunks", "8", "--only", "fp32", "Q4_K_M",
+                                        "4-bit dense-and-sparse"],
+                 "perplexity per byte and decode against llama.cpp's K-quants"),
     "cuda-kernels": ("bench.kernels", [], ["--skip-e2e"], "CUDA kernels against cuBLAS (NVIDIA GPU only)"),
 }
 
