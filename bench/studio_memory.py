@@ -296,12 +296,14 @@ def markdown(r: dict) -> str:
         if phase not in r["peaks"]:
             continue
         peaks = r["peaks"].get(phase, {"rss_anon": 0, "vm_rss": 0})
-        lines.append(f"| {label} | {r['seconds'].get(phase, 0.0):.1f} | {peaks['rss_anon'] / 2**20:,.0f} MiB | "
-                     f"{peaks['vm_rss'] / 2**20:,.0f} MiB | {r['vm_hwm_by_phase'].get(phase, 0) / 2**20:,.0f} MiB |")
+        seconds = f"{r['seconds'][phase]:.1f}" if phase in r["seconds"] else "–"
+        hwm = r["vm_hwm_by_phase"].get(phase, r["vm_hwm"])  # the last phase: the process's final VmHWM
+        lines.append(f"| {label} | {seconds} | {peaks['rss_anon'] / 2**20:,.0f} MiB | "
+                     f"{peaks['vm_rss'] / 2**20:,.0f} MiB | {hwm / 2**20:,.0f} MiB |")
     if r["blocks_computed"]:
         lines += ["", f"Outlier statistics: {r['seconds']['statistics'] / r['blocks_computed']:.1f} s per block "
-                      f"computed, {r['seconds']['statistics from the cache']:.1f} s for the cached pass. The Model "
-                      f"page's memory plan for quantizing (default calibration): {r['memory_plan_line']}."]
+                      f"computed (each matrix read from its shard, 16-bit patterns counted), "
+                      f"{r['seconds']['statistics from the cache']:.1f} s for the cached pass."]
     return "\n".join(lines)
 
 

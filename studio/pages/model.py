@@ -241,13 +241,23 @@ class ModelPage(Page):
         model = self.session.model
         if model is None or model.quantized:
             return
-        from core.memory_plan import available_memory, plan_for
+        import dataclasses
+
+        from core.errors import UserError
+        from core.memory_plan import activation_budget, available_memory, plan_for
 
         calibration = self.session.calibration
         plan = plan_for(model.lazy, calibration.samples, calibration.seqlen,
                         fisher=self.session.quant_config.method == "squeezellm")
-        self.facts["plan"].setText(f"about {human_bytes(plan.cpu_peak)} with {calibration.samples} windows of "
-                                   f"{calibration.seqlen} tokens ({human_bytes(available_memory())} free now)")
+        free = available_memory()
+        try:  # as the run does: the block inputs that do not fit in memory go to disk
+            budget, too_big = activation_budget(plan, available=free), ""
+        except UserError:
+            budget, too_big = 0, "; more than is free: use fewer or shorter windows, or a GPU"
+        plan = dataclasses.replace(plan, activations_in_ram=min(plan.activations, budget))
+        on_disk = f" ({human_bytes(plan.spilled)} of block inputs on disk)" if plan.spilled else ""
+        self.facts["plan"].setText(f"about {human_bytes(plan.cpu_peak)}{on_disk} with {calibration.samples} windows "
+                                   f"of {calibration.seqlen} tokens, {human_bytes(free)} free now{too_big}")
         self.facts["plan"].setToolTip(FACT_TIPS["plan"] + "\n" + plan.describe())
 
     def update_actions(self) -> None:
