@@ -50,8 +50,8 @@ class HistogramPlot(pg.PlotWidget):
             pg.InfiniteLine(angle=90, pen=pen, movable=False, label=label,
                             labelOpts={"position": height, "color": THRESHOLD, "anchors": [anchor, anchor],
                                        "fill": pg.mkBrush(255, 255, 255, 200)})
-            for label, anchor, height in (("−T {value:.3g}", (-0.05, 0.5), 0.93),
-                                          ("+T {value:.3g}", (1.05, 0.5), 0.82))]
+            for label, anchor, height in (("T {value:+.3g}", (-0.05, 0.5), 0.93),
+                                          ("T {value:+.3g}", (1.05, 0.5), 0.82))]
         for line in self.threshold_lines:
             line.hide()
             self.addItem(line, ignoreBounds=True)
@@ -95,8 +95,9 @@ class HistogramPlot(pg.PlotWidget):
             if threshold is None or not np.isfinite(threshold):
                 line.hide()
             else:
-                line.setValue(sign * threshold)
                 line.show()
+                line.setValue(sign * threshold)
+                line.label.valueChanged()  # pyqtgraph skips the text of a label hidden at setValue (it read "T 0")
 
     def set_markers(self, xs) -> None:
         """Triangles at ``xs`` (e.g. one row's LUT centroids) above the tallest bar; None clears."""

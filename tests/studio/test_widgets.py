@@ -189,3 +189,19 @@ def test_garbage_is_collected_on_the_gui_thread_only(qtbot):
         guard.stop()
         if not was_enabled:
             gc.disable()
+
+
+def test_histogram_threshold_labels_show_the_threshold(qtbot):
+    """The ±T labels read the threshold, also when the lines were hidden before it was set."""
+    import numpy as np
+
+    from studio.plots.histogram import HistogramPlot
+
+    plot = HistogramPlot("weights", "weight value")
+    qtbot.addWidget(plot)
+    plot.set_histogram(np.array([1, 5, 1]), np.array([-0.1, -0.03, 0.03, 0.1]))
+    plot.set_thresholds(0.0574)
+    assert [line.label.textItem.toPlainText() for line in plot.threshold_lines] == ["T -0.0574", "T +0.0574"]
+    plot.set_thresholds(None)
+    plot.set_thresholds(0.03)
+    assert plot.threshold_lines[1].label.textItem.toPlainText() == "T +0.03"
