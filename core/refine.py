@@ -11,15 +11,19 @@ averaged over output channels (one group; with G groups, rows are split into G c
 groups with their own H). Sparse entries are exact, so their error is 0 whatever the table: they
 stay outside the fit. Alternating, per row, from the k-means solution:
 
-(a) the table, codes fixed: the K x K weighted least squares ``(AᵀH_DD A) c = AᵀH_DD w_D`` (A the
-    one-hot code matrix on the dense entries D), unused centroids left in place; solved by a few
-    preconditioned conjugate-gradient steps (``refit_tables`` is the explicit closed form);
-(b) the codes, table fixed: a GPTQ-style column sweep with error feedback through the upper
-    Cholesky factor of the dampened H⁻¹, the row's table as its grid (sparse columns keep the
-    exact weight and feed their difference forward), then a pass of exact coordinate descent.
+(a) the codes, table fixed: a GPTQ-style column sweep from the weights (columns by decreasing H_jj)
+    with error feedback, the row's table as its grid, all rows at once: with M lower triangular and
+    MᵀM = H + dampening, column k takes the entry nearest w_k + Σ_{j<k} M_kj e_j / M_kk (Babai's
+    nearest plane; the same choices as GPTQ's feedback through the inverse's Cholesky factor, with
+    one factorisation and no inverse). Sparse entries keep the exact weight (error 0);
+(b) the table, codes fixed: one Jacobi-preconditioned conjugate-gradient step with exact line search
+    on the K x K weighted least squares ``(AᵀH_DD A) c = AᵀH_DD w_D`` (A the one-hot code matrix on
+    the dense entries D), unused centroids left in place (``refit_tables`` is the closed form, and K
+    steps of ``refit_tables_cg`` reach it).
 
-Every step is scored with the true (undamped) H on the fp16 table and each row keeps its best
-state, so the objective never increases and never ends worse than k-means's.
+Objectives and gradients are taken through the same factor (``Objective``): ‖M e‖² minus the
+dampening, half a product each. Every state is scored on the fp16 table and each row keeps its best,
+so the objective never increases and never ends worse than k-means's.
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ import torch
 
 from core.packing import csr_row_indices
 
-SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep
+SWEEP_BLOCK = 32  # columns per block of the sweep (earlier blocks' errors: one product per block)
 ONE_HOT_BYTES = 64 << 20  # rows of one-hot codes materialised at a time in the table refit
-CODE_STEPS = ("sweep", "descend")  # code updates of one round (then the table refit)
-ROUNDS = 1  # code updates + refit after the first refit: on the demo's real H, 2 and 3 rounds lower the objective
-# by only 2-5% more for 1.7x and 2.4x the time
-CG_STEPS = 2  # conjugate-gradient steps per table refit: within 1e-4 of the closed form, below fp16 rounding
+ROUNDS = 2  # sweep + refit rounds (fewer when one gains under tol): on the demo's real H (blocks 3, 15, 27, 3-bit)
+# the objective falls to 0.449 of k-means's after one, 0.440 after two, 0.436 after three, for 1, 1.5 and 2x the time
+CG_STEPS = 1  # conjugate-gradient steps per table refit: on the demo's real H, 2 or 4 lower the objective
+# by 0.2% more for one or three more products of the matrix with H
 
 
 @dataclass(frozen=True)
@@ -145,149 +149,177 @@ def refit_tables(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor,
     return result
 
 
+class Objective:
+    """Row objectives eᵀHe and gradients E H of error matrices E float32 [out, in] under one H.
+
+    With ``factor`` M (lower triangular, MᵀM = H + diag(shift), from ``sweep_factor``) each costs half
+    a product of E with H: eᵀHe = ‖M e‖² - Σ_j shift_j e_j² and E H = (E Mᵀ) M - E diag(shift), the
+    triangular products taken by blocks of columns. Without it, one product each.
+    """
+
+    BLOCK = 256  # columns per block of the triangular products
+
+    def __init__(self, hessian: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.hessian = hessian.float()
+        self.factor, self.shift = factor if factor is not None else (None, None)
+
+    def terms(self, error: torch.Tensor) -> torch.Tensor:
+        """E Mᵀ float32 [out, in] (row r, column k: Σ_{j≤k} M_kj e_rj), the factored objective's terms."""
+        m, n = self.factor, error.shape[1]
+        result = torch.empty_like(error)
+        for c0 in range(0, n, self.BLOCK):
+            c1 = min(n, c0 + self.BLOCK)
+            torch.mm(error[:, :c1], m[c0:c1, :c1].t(), out=result[:, c0:c1])
+        return result
+
+    def value(self, error: torch.Tensor, terms: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 [out]: eᵣᵀ H eᵣ per row (``terms``: E Mᵀ if already known)."""
+        if self.factor is None:
+            return ((error @ self.hessian) * error).double().sum(1)
+        terms = self.terms(error) if terms is None else terms
+        return terms.double().square().sum(1) - (error.double().square() * self.shift.double()).sum(1)
+
+    def gradient(self, error: torch.Tensor, terms: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [out, in]: E H (``terms``: E Mᵀ if already known)."""
+        if self.factor is None:
+            return error @ self.hessian
+        terms = self.terms(error) if terms is None else terms
+        m, n = self.factor, error.shape[1]
+        result = torch.empty_like(error)
+        for c0 in range(0, n, self.BLOCK):
+            c1 = min(n, c0 + self.BLOCK)
+            torch.mm(terms[:, c0:], m[c0:, c0:c1], out=result[:, c0:c1])
+        return result.sub_(error * self.shift)
+
+
 def refit_tables_cg(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor, lut: torch.Tensor,
-                    hessian: torch.Tensor, iterations: int = 4) -> torch.Tensor:
+                    objective: Objective, iterations: int = 4, gradient: torch.Tensor | None = None) -> torch.Tensor:
     """``refit_tables`` by a few steps of Jacobi-preconditioned conjugate gradients from the current table.
 
-    Same arguments and result as ``refit_tables``. Each step costs one [out, in] @ [in, in] product,
-    instead of K of them for the explicit K x K systems; K steps reach the closed form (in exact
-    arithmetic), a few get most of the way. Unused centroids stay where they are.
+    Same arguments and result as ``refit_tables``, H given as an ``Objective``; gradient: E H of
+    (codes, lut) if already known. Each step but the last costs one gradient of an [out, in] error
+    matrix (K of them for the explicit K x K systems), the last only its objective (the exact line
+    search); K steps reach the closed form (in exact arithmetic), one gets most of the way. Unused
+    centroids stay where they are.
     """
-    w = weight.float()
     lut = lut.float()
     k = lut.shape[1]
     index = codes.long()
-    mask = dense.float()
+    mask = None if bool(dense.all()) else dense.float()
 
-    def gather_sum(values: torch.Tensor) -> torch.Tensor:  # Aᵀv per row: sums of values by code
-        return torch.zeros(values.shape[0], k, dtype=torch.float64, device=values.device).scatter_add_(
-            1, index, (values * mask).double())
+    def gather_sum(values: torch.Tensor) -> torch.Tensor:  # Aᵀv per row: sums of values by code (dense entries)
+        values = values if mask is None else values * mask
+        return torch.zeros(values.shape[0], k, dtype=torch.float32, device=values.device).scatter_add_(
+            1, index, values).double()
 
-    diag = gather_sum(hessian.diagonal().expand_as(w))
-    scale = torch.where(diag > 0, 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diag))
+    def masked(values: torch.Tensor) -> torch.Tensor:
+        return values if mask is None else values * mask
+
+    if gradient is None:
+        gradient = objective.gradient(masked(weight.float() - decode(lut, codes)))
+    diag = gather_sum(objective.hessian.diagonal().expand(index.shape))
+    tiny = torch.finfo(torch.float64).tiny
+    scale = torch.where(diag > 0, 1.0 / diag.clamp_min(tiny), torch.zeros_like(diag))
     c = lut.double()
-    r = gather_sum(((w - decode(lut, codes)) * mask) @ hessian)
+    r = gather_sum(gradient)
     z = r * scale
     p = z.clone()
     rz = (r * z).sum(1)
-    for _ in range(iterations):
-        ap = gather_sum((decode(p.float(), codes) * mask) @ hessian)
-        pap = (p * ap).sum(1)
-        alpha = torch.where(pap > 0, rz / pap.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(pap))
+    for step in range(iterations):
+        direction = masked(decode(p.float(), codes))
+        last = step + 1 == iterations
+        ap = None if last else gather_sum(objective.gradient(direction))
+        pap = objective.value(direction) if last else (p * ap).sum(1)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(tiny), torch.zeros_like(pap))
         c = c + alpha.unsqueeze(1) * p
+        if last:
+            break
         r = r - alpha.unsqueeze(1) * ap
         z = r * scale
         rz_new = (r * z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(rz))
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
         p = z + beta.unsqueeze(1) * p
         rz = rz_new
     return c.float()
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """float32 [in, in] -> U float32 [in, in], upper, with UᵀU = (H + λ·mean diag(H)·I)⁻¹.
+def sweep_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [in, in] -> (M float32 [in, in] lower triangular, shift float32 [in]), MᵀM = H + diag(shift).
 
-    λ starts at ``damp`` and grows tenfold until the factorisations succeed (ill-conditioned H).
+    Then eᵀ(H + diag(shift))e = Σ_k (Σ_{j≤k} M_kj e_j)², so that deciding the entries in order
+    k = 0, 1, ... each one's term depends only on entries already decided (the sweep). shift: λ·mean
+    diag(H) (GPTQ's dampening), plus the mean diagonal for inputs never seen. One Cholesky
+    factorisation: with P the order-reversing permutation and P(H + diag(shift))P = L Lᵀ,
+    M = P Lᵀ P. λ starts at ``damp`` and grows tenfold until it succeeds (ill-conditioned H).
     """
     h = hessian.float()
-    n = h.shape[0]
     scale = float(h.diagonal().mean().clamp_min(0))
     scale = scale if scale > 0 else 1.0
-    eye = torch.eye(n, dtype=torch.float32, device=h.device)
-    dead = h.diagonal() <= 0  # inputs never seen: any code is as good as another
+    dead = (h.diagonal() <= 0).float() * scale  # inputs never seen: any code is as good as another
     lam = damp
     for attempt in range(12):
         dtype = torch.float32 if attempt < 2 else torch.float64  # float64 once float32 has failed twice
-        damped = (h + lam * scale * eye + dead.float().diag() * scale).to(dtype)
-        low, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper.float()
+        shift = dead + lam * scale
+        low, info = torch.linalg.cholesky_ex((h + shift.diag()).flip(0, 1).to(dtype))
+        if int(info) == 0 and bool(torch.isfinite(low).all()):
+            return low.t().flip(0, 1).float().contiguous(), shift
         lam *= 10
     raise ValueError("the gradient-weighted Hessian cannot be factorised (not finite?)")
 
 
+def _midpoints(lut: torch.Tensor) -> torch.Tensor:
+    """float32 [K-1, out, 1] for an ascending lut [out, K]: the entry nearest x is the number of midpoints
+    below x (counted with a comparison and a sum: branch-free, 2-3x faster than a binary search here)."""
+    lut = lut.float()
+    return (0.5 * (lut[:, 1:] + lut[:, :-1])).t().contiguous().unsqueeze(2)
+
+
 def sweep_codes(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor, lut: torch.Tensor,
-                upper: torch.Tensor, block: int = SWEEP_BLOCK) -> torch.Tensor:
-    """New codes [out, in] (codes' dtype) for ``lut``: a GPTQ-style column sweep with error feedback.
+                factor: torch.Tensor, block: int = SWEEP_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New codes for ``lut`` by a GPTQ-style column sweep with error feedback: (codes [out, in] in
+    codes' dtype, errors E float32 [out, in], terms E Mᵀ float32 [out, in]).
 
     weight float [out, in]; codes integer [out, in] (kept where ``dense`` is False); lut float32
-    [out, K]; upper float32 [in, in] from ``inverse_cholesky``. Column j is set to its nearest table
-    entry (sparse entries: the exact weight), and its error, scaled by U_jj, is spread over the
-    columns after it through row j of U.
+    [out, K], ascending per row; factor M float32 [in, in] from ``sweep_factor``. Columns in order,
+    for all rows at once: column k is set to the table entry nearest w_k + Σ_{j<k} M_kj e_j / M_kk
+    (e_j = w_j - ŵ_j, the errors already made; sparse entries are exact, e_j = 0), which zeroes as
+    nearly as the table allows the k-th term of the damped objective (Babai's nearest plane, the
+    same as GPTQ's error feedback through the inverse's Cholesky factor). The errors of earlier
+    blocks of columns arrive as one product per block, those within a block one column at a time.
+    The terms come for free: the k-th is Σ_{j<k} M_kj e_j + M_kk e_k.
     """
-    # columns are rows here ([in, out] layouts): each step reads and writes contiguous memory
-    w = weight.float().t().contiguous()
-    exact = w.clone()
-    dense_t, codes_t = dense.t().contiguous(), codes.t().contiguous()
-    new = codes_t.clone()
-    lut = lut.float()
-    in_features = w.shape[0]
+    # columns are rows here ([in, out, 1] layouts): each step reads and writes contiguous memory
+    w = weight.float().t().contiguous().unsqueeze(2)
+    in_features, out_features, _ = w.shape
+    lut = lut.float().contiguous()
+    mid = _midpoints(lut)
+    picks = torch.empty(in_features, out_features, 1, dtype=torch.long, device=w.device)
+    errors = torch.empty(in_features, out_features, dtype=torch.float32, device=w.device)
+    terms = torch.empty_like(errors)
+    chosen = torch.empty(out_features, 1, dtype=torch.float32, device=w.device)
+    above = torch.empty(mid.shape, dtype=torch.bool, device=w.device)
+    w_rows, pick_rows, error_rows = w.unbind(0), picks.unbind(0), errors.unbind(0)
+    error_columns = errors.unsqueeze(2).unbind(0)
+    mask_rows = dense.t().float().contiguous().unsqueeze(2).unbind(0)
+    sparse_columns = (~dense).any(0).tolist()
+    diag = factor.diagonal()
+    inverse_diag = (1.0 / diag).tolist()
     for c0 in range(0, in_features, block):
         c1 = min(in_features, c0 + block)
-        part = w[c0:c1].clone()
-        errors = torch.empty_like(part)
-        u = upper[c0:c1, c0:c1]
-        inverse_diag = (1.0 / u.diagonal()).tolist()
-        all_dense = bool(dense_t[c0:c1].all())
+        pull = torch.mm(factor[c0:c1, :c0], errors[:c0], out=terms[c0:c1])  # Σ_j M_kj e_j, earlier blocks
+        pull_rows = pull.unsqueeze(2).unbind(0)
+        within = factor[c0:c1, c0:c1].t().contiguous().unbind(0)  # column c0 + i of M within the block
         for i in range(c1 - c0):
-            j = c0 + i
-            column = part[i]
-            pick = (column.unsqueeze(1) - lut).abs_().argmin(1)
-            target = lut.gather(1, pick.unsqueeze(1)).squeeze(1)
-            if all_dense:
-                new[j] = pick
-            else:
-                target = torch.where(dense_t[j], target, exact[j])
-                new[j] = torch.where(dense_t[j], pick.to(new.dtype), codes_t[j])
-            err = torch.sub(column, target).mul_(inverse_diag[i])
-            part[i + 1:].addr_(u[i, i + 1:], err, alpha=-1)
-            errors[i] = err
-        if c1 < in_features:
-            w[c1:].addmm_(upper[c0:c1, c1:].t(), errors, alpha=-1)
-    return new.t().contiguous()
-
-
-def descend_codes(weight: torch.Tensor, codes: torch.Tensor, dense: torch.Tensor, lut: torch.Tensor,
-                  hessian: torch.Tensor, block: int = SWEEP_BLOCK) -> torch.Tensor:
-    """New codes [out, in]: one pass of exact coordinate descent over the columns, table fixed.
-
-    Same arguments as ``sweep_codes`` but with the undamped ``hessian`` float32 [in, in]. Each dense
-    entry in turn takes the table entry that lowers its row's objective most given all the others
-    (the change of e_j by δ changes eᵀHe by 2δ(He)_j + δ²H_jj), so no row's objective increases.
-    """
-    lut = lut.float()
-    current = decode(lut, codes)
-    # (He)ᵀ, kept exact for the columns still to visit; [in, out] layouts as in sweep_codes
-    grad = (hessian @ ((weight.float() - current) * dense).t()).contiguous()
-    current = current.t().contiguous()
-    dense_t = dense.t().contiguous()
-    new = codes.t().contiguous()
-    diag = hessian.diagonal().tolist()
-    in_features = grad.shape[0]
-    for c0 in range(0, in_features, block):
-        c1 = min(in_features, c0 + block)
-        part = grad[c0:c1].clone()
-        steps = torch.zeros_like(part)
-        h_block = hessian[c0:c1, c0:c1]
-        all_dense = bool(dense_t[c0:c1].all())
-        for i in range(c1 - c0):
-            j = c0 + i
-            delta = current[j].unsqueeze(1) - lut  # [out, K]: e_j grows by this when entry k is chosen
-            change = delta.mul(diag[j]).add_(part[i].unsqueeze(1), alpha=2).mul_(delta)
-            pick = change.argmin(1)
-            step = delta.gather(1, pick.unsqueeze(1)).squeeze(1)
-            if all_dense:
-                new[j] = pick
-            else:
-                step = step * dense_t[j]
-                new[j] = torch.where(dense_t[j], pick.to(new.dtype), new[j])
-            part[i + 1:].addr_(h_block[i, i + 1:], step)
-            steps[i] = step
-        if c1 < in_features:
-            grad[c1:].addmm_(hessian[c1:, c0:c1], steps)
-    return new.t().contiguous()
+            k = c0 + i
+            target = torch.add(w_rows[k], pull_rows[i], alpha=inverse_diag[k])
+            torch.sum(torch.gt(target, mid, out=above), 0, out=pick_rows[k])
+            torch.sub(w_rows[k], torch.gather(lut, 1, pick_rows[k], out=chosen), out=error_columns[k])
+            if sparse_columns[k]:
+                error_columns[k].mul_(mask_rows[k])
+            pull[i + 1:].addr_(within[i][i + 1:], error_rows[k])
+        pull.addcmul_(diag[c0:c1].unsqueeze(1), errors[c0:c1])  # row i is final once column c0 + i is decided
+    new = picks.squeeze(2).t().to(codes.dtype)
+    return torch.where(dense, new, codes).contiguous(), errors.t().contiguous(), terms.t().contiguous()
 
 
 def _sorted(lut: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,56 +330,64 @@ def _sorted(lut: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch
     return values, rank.gather(1, codes.long()).to(codes.dtype)
 
 
+def _choose(rows: torch.Tensor, new: tuple, old: tuple) -> tuple:
+    """Per row (bool [out]), the row of each tensor in ``new`` or in ``old``."""
+    if bool(rows.all()):
+        return new
+    if not bool(rows.any()):
+        return old
+    return tuple(torch.where(rows.unsqueeze(1), a, b) for a, b in zip(new, old))
+
+
 def refine_rows(weight: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor, dense: torch.Tensor,
-                hessian: torch.Tensor, rounds: int = ROUNDS, damp: float = 0.01, tol: float = 1e-4,
-                steps: tuple[str, ...] = CODE_STEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Alternate table refits and code updates on rows that share one H (see the module docstring).
+                hessian: torch.Tensor, rounds: int = ROUNDS, damp: float = 0.01, tol: float = 1e-4
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Alternate code sweeps and table refits on rows that share one H (see the module docstring).
 
     weight float [out, in]; codes integer [out, in]; lut [out, K] (any float dtype; evaluated in
-    fp16 as stored); dense bool [out, in]; hessian float32 [in, in]. steps: the code updates of a
-    round, in order: "sweep" (GPTQ-style, columns by decreasing H_jj), "descend" (coordinate
-    descent); a table refit follows them. Returns (codes, lut float16 [out, K] ascending per row,
-    objective before float64 [out], after float64 [out], rounds run).
+    fp16 as stored); dense bool [out, in]; hessian float32 [in, in]. A round: the sweep (columns by
+    decreasing H_jj, from the weights, kept for the rows where it beats the round's start), then one
+    refit step of the tables; its result, tables rounded to fp16, is kept for the rows it improves.
+    Rounds stop early when the summed objective falls by less than ``tol`` of itself. Returns (codes,
+    lut float16 [out, K] ascending per row, objective before float64 [out], after float64 [out],
+    rounds run).
     """
-    w = weight.float()
-    h = hessian.float()
-
-    def score(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return row_objective((w - decode(t, c)) * dense, h)
-
-    best_codes, best_lut = codes.clone(), lut.half().float()
-    before = best = score(best_codes, best_lut)
-
-    def keep(c: torch.Tensor, t: torch.Tensor) -> None:
-        nonlocal best
-        value = score(c, t)
-        better = value < best
-        best = torch.where(better, value, best)
-        best_codes[better] = c[better]
-        best_lut[better] = t[better]
-
-    keep(best_codes, refit_tables_cg(w, best_codes, dense, best_lut, h, CG_STEPS).half().float())
-    order = h.diagonal().argsort(descending=True)  # GPTQ's act-order: the most active inputs first
+    order = hessian.diagonal().argsort(descending=True)  # GPTQ's act-order: the most active inputs first
     restore = order.argsort()
-    upper = inverse_cholesky(h[order][:, order], damp) if rounds > 0 and "sweep" in steps else None
+    h = hessian.float()[order][:, order]
+    w, dense, mask = weight.float()[:, order], dense[:, order], dense[:, order].float()
+    factor, shift = sweep_factor(h, damp)
+    objective = Objective(h, (factor, shift))
+
+    best_lut, best_codes = _sorted(lut.half().float(), codes[:, order])
+    best_error = (w - decode(best_lut, best_codes)) * mask
+    best_terms = objective.terms(best_error)
+    before = best = objective.value(best_error, best_terms)
     done = 0
     for done in range(1, rounds + 1):
         start = float(best.sum())
-        for step in steps:
-            if step == "sweep":
-                swept = sweep_codes(w[:, order], best_codes[:, order], dense[:, order], best_lut, upper)
-                keep(swept[:, restore], best_lut)
-            else:
-                keep(descend_codes(w, best_codes, dense, best_lut, h), best_lut)
-        keep(best_codes, refit_tables_cg(w, best_codes, dense, best_lut, h, CG_STEPS).half().float())
+        swept = sweep_codes(w, best_codes, dense, best_lut, factor)
+        value = objective.value(*swept[1:])
+        better = value < best
+        best = torch.where(better, value, best)
+        best_codes, best_error, best_terms = _choose(better, swept, (best_codes, best_error, best_terms))
+        c, error, terms = best_codes, best_error, best_terms
+        t = refit_tables_cg(w, c, dense, best_lut, objective, CG_STEPS, gradient=objective.gradient(error, terms))
+        t, c = _sorted(t.half().float(), c)
+        error = (w - decode(t, c)) * mask
+        terms = objective.terms(error)
+        value = objective.value(error, terms)
+        better = value < best
+        best = torch.where(better, value, best)
+        best_codes, best_lut, best_error, best_terms = _choose(better, (c, t, error, terms),
+                                                               (best_codes, best_lut, best_error, best_terms))
         if start - float(best.sum()) <= tol * start:
             break
-    lut16, codes = _sorted(best_lut, best_codes)
-    return codes, lut16.half(), before, best, done
+    return best_codes[:, restore].contiguous(), best_lut.half(), before, best, done
 
 
 def refine_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, q, hessian: torch.Tensor,
-                  rounds: int = ROUNDS, damp: float = 0.01, steps: tuple[str, ...] = CODE_STEPS):
+                  rounds: int = ROUNDS, damp: float = 0.01):
     """A refined copy of ``q`` (a ``core.quantize.QuantizedMatrix`` of ``weight``) and its ``RefineStats``.
 
     weight float [out, in]; fisher float [out, in] or None (only for the reported Fisher-weighted
@@ -372,8 +412,7 @@ def refine_matrix(weight: torch.Tensor, fisher: torch.Tensor | None, q, hessian:
     codes, luts, before, after, rounds_run = [], [], 0.0, 0.0, 0
     for g in range(groups):
         rows = slice(g * size, (g + 1) * size)
-        c, t, b, a, n = refine_rows(w[rows], all_codes[rows], all_luts[rows], dense[rows], hs[g], rounds, damp,
-                                    steps=steps)
+        c, t, b, a, n = refine_rows(w[rows], all_codes[rows], all_luts[rows], dense[rows], hs[g], rounds, damp)
         codes.append(c)
         luts.append(t)
         before, after, rounds_run = before + float(b.sum()), after + float(a.sum()), max(rounds_run, n)

@@ -1,5 +1,6 @@
-"""Gradient-weighted refinement (core.refine): closed-form tables, monotone objective, exact sparse
-entries, bit-exact packing, and a tiny model whose perplexity does not get worse."""
+"""Gradient-weighted refinement (core.refine): closed-form tables, the sweep is GPTQ's, the factored
+objective is exact, monotone objective, exact sparse entries, bit-exact packing, and a tiny model whose
+perplexity does not get worse."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from tests.conftest import build_tiny_model
 from core.layers import squeeze_linear_from_state
 from core.models import quantizable_linears
 from core.quantize import quantize_matrix, squeeze_module
-from core.refine import (GradientHessians, decode, descend_codes, refine_matrix, refine_rows, refit_tables,
-                         refit_tables_cg, row_objective, sparse_mask_of)
+from core.refine import (GradientHessians, Objective, decode, refine_matrix, refine_rows, refit_tables,
+                         refit_tables_cg, row_objective, sparse_mask_of, sweep_codes, sweep_factor)
 
 
 def _problem(out: int = 24, inn: int = 64, tokens: int = 300, seed: int = 0):
@@ -32,7 +33,7 @@ def test_table_refit_equals_the_closed_form_least_squares():
     dense = ~sparse_mask_of(q, tuple(w.shape))
     assert (~dense).sum() > 0
     got = refit_tables(w, q.codes, dense, q.lookup_table.float(), h, ridge=0.0)
-    by_cg = refit_tables_cg(w, q.codes, dense, q.lookup_table.float(), h, iterations=8)
+    by_cg = refit_tables_cg(w, q.codes, dense, q.lookup_table.float(), Objective(h), iterations=8)
     for r in range(w.shape[0]):
         d = dense[r]
         a = torch.nn.functional.one_hot(q.codes[r][d].long(), 8).double()  # [|D|, K]
@@ -55,7 +56,7 @@ def test_an_unused_centroid_stays_where_it_was():
     lut = torch.linspace(-2, 2, 8).repeat(4, 1)
     got = refit_tables(w, codes, torch.ones_like(w, dtype=torch.bool), lut, h)
     torch.testing.assert_close(got[:, 7], lut[:, 7])
-    got = refit_tables_cg(w, codes, torch.ones_like(w, dtype=torch.bool), lut, h)
+    got = refit_tables_cg(w, codes, torch.ones_like(w, dtype=torch.bool), lut, Objective(h))
     torch.testing.assert_close(got[:, 7], lut[:, 7])
 
 
@@ -76,28 +77,51 @@ def test_objective_never_increases_across_rounds(sparse):
     assert float(previous.sum()) < 0.8 * float(before.sum())  # and it does lower it on this problem
 
 
-def test_coordinate_descent_never_raises_a_row_objective():
-    w, f, h = _problem(out=32, inn=160, seed=4)  # 160 columns: two blocks of the pass
-    q = quantize_matrix(w, f, 3, threshold=2.0, sensitivity_percent=1.0)
+def _gptq_reference(w, codes, dense, lut, h, damp=0.01):
+    """GPTQ's column loop, one row at a time in float64: quantize column j to the row's nearest table entry
+    (sparse: the exact weight), spread (w_j - q_j) / U_jj over the later columns through row j of U, the
+    upper Cholesky factor of the dampened inverse."""
+    n = h.shape[0]
+    hd = h.double() + damp * float(h.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    new = codes.clone()
+    for r in range(w.shape[0]):
+        row = w[r].double().clone()
+        for j in range(n):
+            pick = int((row[j] - lut[r].double()).abs().argmin())
+            q = lut[r, pick].double() if dense[r, j] else w[r, j].double()
+            if dense[r, j]:
+                new[r, j] = pick
+            row[j + 1:] -= (row[j] - q) / u[j, j] * u[j, j + 1:]
+    return new
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-only", "dense-and-sparse"])
+def test_the_sweep_is_gptq_with_the_rows_table_as_grid(sparse):
+    w, f, h = _problem(out=12, inn=80, seed=4)  # 80 columns: two and a half blocks of the sweep
+    q = quantize_matrix(w, f, 3, threshold=2.0 if sparse else None, sensitivity_percent=1.0 if sparse else 0.0)
     dense = ~sparse_mask_of(q, tuple(w.shape))
     lut = q.lookup_table.float()
-    codes = q.codes
-    objective = row_objective((w - decode(lut, codes)) * dense, h)
-    for _ in range(3):
-        new = descend_codes(w, codes, dense, lut, h)
-        assert torch.equal(new[~dense], q.codes[~dense])  # sparse entries keep their codes
-        value = row_objective((w - decode(lut, new)) * dense, h)
-        assert bool((value <= objective * (1 + 1e-5)).all())
-        codes, objective = new, value
-    assert float(objective.sum()) < float(row_objective((w - decode(lut, q.codes)) * dense, h).sum())
+    factor, shift = sweep_factor(h)
+    codes, error, terms = sweep_codes(w, q.codes, dense, lut, factor)
+    expected = _gptq_reference(w, q.codes, dense, lut, h)
+    assert float((codes == expected).float().mean()) > 0.999  # the same choices (a float tie may differ)
+    assert torch.equal(codes[~dense], q.codes[~dense])  # sparse entries keep their codes
+    torch.testing.assert_close(error, (w - decode(lut, codes)) * dense)
+    objective = Objective(h, (factor, shift))
+    torch.testing.assert_close(terms, objective.terms(error), rtol=1e-5, atol=1e-5)
+    assert float(objective.value(error).sum()) < 0.8 * float(row_objective((w - decode(lut, q.codes)) * dense, h).sum())
 
 
-@pytest.mark.parametrize("steps", [("sweep",), ("descend",)])
-def test_each_code_step_alone_lowers_the_objective(steps):
-    w, f, h = _problem(out=16, inn=64, seed=5)
-    q = quantize_matrix(w, f, 3)
-    _, stats = refine_matrix(w, f, q, h, rounds=2, steps=steps)
-    assert stats.objective_after < 0.9 * stats.objective_before
+def test_the_factored_objective_equals_the_direct_one():
+    w, _, h = _problem(out=16, inn=300, tokens=400, seed=6)  # 300 columns: blocks of the triangular products
+    h[7, :] = 0
+    h[:, 7] = 0  # an input never seen
+    error = torch.randn(w.shape, generator=torch.Generator().manual_seed(7))
+    direct, factored = Objective(h), Objective(h, sweep_factor(h))
+    torch.testing.assert_close(factored.value(error), direct.value(error), rtol=1e-5, atol=0.0)
+    expected = direct.gradient(error)
+    assert float((factored.gradient(error) - expected).abs().max()) < 1e-5 * float(expected.abs().max())
 
 
 def test_sparse_entries_are_untouched():
