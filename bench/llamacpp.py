@@ -463,7 +463,7 @@ def plot(result: dict, path: Path = PLOT) -> None:
                   name=labels[family])
         for r in rows:
             short = r["name"].replace("llama.cpp ", "").replace(" + imatrix", "").replace("SqueezeLLM ", "")
-            text = pg.TextItem(short, color=color, anchor=(0, 1))
+            text = pg.TextItem(short, color=color, anchor=(0.5, 1.2))  # centred above the point
             text.setPos(r["bytes"] / 1e6, r["llama_perplexity"])
             item.addItem(text)
     fp32 = next((r for r in result["rows"] if r["family"] == "fp32"), None)
@@ -473,11 +473,15 @@ def plot(result: dict, path: Path = PLOT) -> None:
                                label=f"fp32 ({mb(fp32['bytes'])} MB): {fp32['llama_perplexity']:.2f}",
                                labelOpts={"position": 0.85, "color": (90, 90, 90)})
         item.addItem(line)
+    item.getViewBox().setDefaultPadding(0.12)  # room for the labels beside the points
+    item.enableAutoRange()
+    widget.show()  # lays out the axes and titles before the export
+    app.processEvents()
     path.parent.mkdir(parents=True, exist_ok=True)
     exporter = pg.exporters.ImageExporter(item)
     exporter.parameters()["width"] = 1200
     exporter.export(str(path))
-    app.processEvents()
+    widget.close()
 
 
 def main(argv: list[str] | None = None) -> int:
