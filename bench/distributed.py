@@ -1,8 +1,8 @@
 """Calibration across processes: wall time of 1 against N ranks on the demo model, and what they exchange.
 
-python -m bench.distributed [--workers 1 2] [--samples 8] [--seqlen 512] [--rounds 1]
+python -m bench.distributed [--model demo] [--workers 1 2] [--samples 8] [--seqlen 512] [--rounds 1]
 
-Runs ``squeeze quantize demo --bits 3`` once per worker count and round (alternating, so a drift in the
+Runs ``squeeze quantize MODEL --bits 3`` once per worker count and round (alternating, so a drift in the
 machine's load hits every count alike), with the Fisher cache off so every run does the calibration
 passes. Records the wall time, the per-stage seconds the command prints, the machine's load average
 before each run, the traffic line rank 0 prints (all_reduce payload per rank, bytes gathered to rank 0)
@@ -48,7 +48,7 @@ def parse_traffic(stderr: str) -> dict | None:
 
 def run_once(workers: int, args, out: Path) -> dict:
     env = {**os.environ, "SQUEEZE_FISHER_CACHE_GB": "0", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "core.cli", "-q", "quantize", "demo", "--bits", str(args.bits), "--samples",
+    cmd = [sys.executable, "-m", "core.cli", "-q", "quantize", args.model, "--bits", str(args.bits), "--samples",
            str(args.samples), "--seqlen", str(args.seqlen), "--output", str(out), "--workers", str(workers)]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -72,6 +72,7 @@ def perplexity_of(folder: Path, windows) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="demo, or a model folder")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -80,13 +81,16 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     args = parser.parse_args()
     from core.data import corpus_tokens, evaluation_windows
-    from core.models import demo_model_dir
+    from core.lazy_model import LazyModel, resolve_folder
     from core.pipeline import load_tokenizer
+    from core.progress import run_to_end
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
-        windows = evaluation_windows(corpus_tokens(load_tokenizer(demo_model_dir()), "builtin"), args.eval_windows,
-                                     512)
+        folder = run_to_end(resolve_folder(args.model))
+        n_blocks = len(LazyModel.open(folder).blocks)
+        windows = evaluation_windows(corpus_tokens(load_tokenizer(folder), "builtin"), args.eval_windows,
+                                     min(512, args.seqlen))
         for r in range(args.rounds):
             for workers in args.workers:
                 out = Path(tmp) / f"w{workers}-r{r}"
@@ -95,7 +99,7 @@ def main() -> None:
                 print(json.dumps(run), flush=True)
                 runs.append(run)
     best = {w: min(r["wall_s"] for r in runs if r["workers"] == w) for w in args.workers}
-    result = {"model": "demo (SmolLM2-135M, 30 blocks)", "bits": args.bits, "samples": args.samples,
+    result = {"model": f"{args.model} ({n_blocks} blocks)", "n_blocks": n_blocks, "bits": args.bits, "samples": args.samples,
               "seqlen": args.seqlen, "cores": os.cpu_count(), "runs": runs, "best_wall_s": best}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
@@ -108,8 +112,9 @@ def write_section(result: dict) -> None:
 
     base = result["best_wall_s"][min(result["best_wall_s"])]
     lines = ["## Calibration across processes (`--workers`, torchrun)", "", machine_line(), "",
-             f"`squeeze quantize demo --bits {result['bits']} --samples {result['samples']} --seqlen "
-             f"{result['seqlen']}` with the Fisher cache off, gloo on {result['cores']} CPU cores "
+             f"`squeeze quantize MODEL --bits {result['bits']} --samples {result['samples']} --seqlen "
+             f"{result['seqlen']} --workers N` on {result['model']}, the Fisher cache off, gloo on {result['cores']} "
+             "CPU cores; wall time of the whole command, stage seconds as rank 0 reports them "
              "(`python -m bench.distributed`; bench/results/distributed.json).", "",
              "| ranks | wall s | vs 1 rank | load before | forward s | backward s | quantize s | perplexity |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -120,12 +125,14 @@ def write_section(result: dict) -> None:
                      f"{run['perplexity']:.4f} |")
     traffic = next((r["traffic"] for r in result["runs"] if r["traffic"]), None)
     if traffic:
-        lines += ["", f"Exchanged by {traffic['ranks']} ranks over the 30 blocks: {format_bytes(traffic['total'])} "
+        lines += ["", f"Exchanged by {traffic['ranks']} ranks over the {result['n_blocks']} blocks: {format_bytes(traffic['total'])} "
                   f"({format_bytes(traffic['per_block'])} per block): "
                   + ", ".join(f"{k} {format_bytes(v)}" for k, v in traffic["by_kind"].items())
                   + ". All_reduce counts the payload each rank contributes (a block's float32 Fisher, 4 bytes per "
                     "weight); gathers count what rank 0 received from the others (packed codes, tables and sparse "
                     "parts of their matrices; the gradients their windows hand down, for the resume file)."]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
     update_section("distributed", "\n".join(lines))
 
 
