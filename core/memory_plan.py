@@ -4,7 +4,9 @@
 blocks (embedding, head, norms) in the compute dtype, one block's weights, gradients and float32
 Fisher, the autograd temporaries of one window through one block, the quantization temporaries of
 the block's largest matrix per worker thread, the outlier statistics, the block inputs kept in RAM
-(the rest go to disk), and the runtime (Python, torch, transformers). ``check_memory`` compares it
+(the rest go to disk), and the runtime (Python, torch, transformers). With refinement (core.refine),
+the block's gradient-weighted Hessians (in_features² float32 per projection) and refinement's
+larger temporaries per worker. ``check_memory`` compares it
 with what the machine has and refuses, naming the setting that fixes it, instead of being killed.
 """
 
@@ -33,11 +35,12 @@ class MemoryPlan:
     activations: int  # block inputs of every window, all blocks
     activations_in_ram: int
     runtime: int = RUNTIME_BYTES
+    hessians: int = 0  # refinement's H of one block's projections
 
     @property
     def cpu_peak(self) -> int:
         return (self.outside_blocks + self.block + self.window + self.quantize + self.outlier_stats
-                + self.activations_in_ram + self.runtime)
+                + self.activations_in_ram + self.runtime + self.hessians)
 
     @property
     def spilled(self) -> int:
@@ -46,9 +49,10 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line: the peak and its main parts."""
         spill = f", {_gib(self.spilled)} of block inputs on disk" if self.spilled else ""
+        hessians = f", refinement's H {_gib(self.hessians)}" if self.hessians else ""
         return (f"needs about {_gib(self.cpu_peak)} of memory: one block {_gib(self.block + self.window)}, "
                 f"embedding and head {_gib(self.outside_blocks)}, block inputs {_gib(self.activations_in_ram)} in "
-                f"RAM{spill}, quantization {_gib(self.quantize)}, runtime {_gib(self.runtime)}")
+                f"RAM{spill}, quantization {_gib(self.quantize)}{hessians}, runtime {_gib(self.runtime)}")
 
 
 def _gib(n: int) -> str:
@@ -86,10 +90,11 @@ def available_memory() -> int:
 def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, quantizable: int,
                 hidden: int, intermediate: int, heads: int, n_blocks: int, windows: int, seqlen: int,
                 compute_bytes: int, activation_budget: int | None, threads: int | None = None,
-                fisher: bool = True) -> MemoryPlan:
+                fisher: bool = True, hessian_entries: int = 0) -> MemoryPlan:
     """The estimate for a model of these sizes (counts of weights; bytes per element of the compute dtype).
 
-    activation_budget: bytes of block inputs kept in RAM (None: all of them).
+    activation_budget: bytes of block inputs kept in RAM (None: all of them). hessian_entries: with
+    refinement, Σ in_features² over one block's projections (0: refinement off).
     """
     threads = threads or os.cpu_count() or 1
     outside = (parameters - block_parameters * n_blocks) * compute_bytes
@@ -101,11 +106,15 @@ def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, 
     from core.quantize import LARGE_MATRIX
 
     parallel = 1 if largest_matrix > LARGE_MATRIX else min(threads, 8)  # as core.quantize's matrix pool
-    quantize = largest_matrix * 34 * parallel  # fp32 copies, masks, codes, k-means scratch
+    from core.refine import REFINE_BYTES_PER_WEIGHT
+
+    per_weight = REFINE_BYTES_PER_WEIGHT if hessian_entries else 34  # refinement follows k-means in each worker
+    quantize = largest_matrix * per_weight * parallel  # fp32 copies, masks, codes, k-means (refinement) scratch
     stats = min(largest_matrix, SKETCH_SIZE) * 4 * (quantizable // max(1, largest_matrix) + n_blocks * 7)
     activations = (n_blocks + 1) * windows * seqlen * hidden * compute_bytes if fisher else 0
     in_ram = activations if activation_budget is None else min(activations, activation_budget)
-    return MemoryPlan(outside, block, window, quantize, stats if fisher else 0, activations, in_ram)
+    return MemoryPlan(outside, block, window, quantize, stats if fisher else 0, activations, in_ram,
+                      hessians=4 * hessian_entries if fisher else 0)
 
 
 def activation_budget(plan: MemoryPlan, cpu_memory: int | None = None, available: int | None = None) -> int:
@@ -127,8 +136,9 @@ def activation_budget(plan: MemoryPlan, cpu_memory: int | None = None, available
                     "(--device cuda), close other programs, or raise --cpu-memory if more is free")
 
 
-def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtype=None) -> MemoryPlan:
-    """``plan_memory`` for a causal LM with every block input in RAM.
+def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtype=None,
+             refine: bool = False) -> MemoryPlan:
+    """``plan_memory`` for a causal LM with every block input in RAM (refine: with core.refine's H).
 
     model: a transformers model (loaded, or the meta skeleton of a ``core.lazy_model.LazyModel``) or
     a LazyModel; compute_dtype: the dtype blocks compute in (default: the LazyModel's, else float32).
@@ -146,10 +156,13 @@ def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtyp
     intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "ffn_dim", 0) or 4 * hidden)
     heads = int(getattr(text, "num_attention_heads", 0) or 1)
     blocks = decoder_blocks(model)
-    matrices = [m.weight.numel() for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    matrices = [m.weight.numel() for m in linears]
+    hessian_entries = sum(m.in_features ** 2 for m in linears) if refine else 0
     block_parameters = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     element = torch.empty(0, dtype=compute_dtype or torch.float32).element_size()
     return plan_memory(parameters=sum(p.numel() for p in model.parameters()), block_parameters=block_parameters,
                        largest_matrix=max(matrices), quantizable=sum(matrices) * len(blocks), hidden=hidden,
                        intermediate=intermediate, heads=heads, n_blocks=len(blocks), windows=windows,
-                       seqlen=seqlen, compute_bytes=element, activation_budget=None, fisher=fisher)
+                       seqlen=seqlen, compute_bytes=element, activation_budget=None, fisher=fisher,
+                       hessian_entries=hessian_entries)

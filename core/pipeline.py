@@ -126,7 +126,7 @@ def _run_job(job: QuantizeJob, device: torch.device, ranks) -> Generator[Progres
 
         windows = ranks.tensors_from_main(make_windows, "calibration windows")["windows"]  # rank 0's, everywhere
     samples = ranks.my_windows(windows).shape[0] if squeezellm else job.calibration.samples
-    plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm)
+    plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm, refine=job.config.refine)
     share = ranks.local_world  # the ranks on this machine share its memory
     budget = activation_budget(plan, job.cpu_memory // share if job.cpu_memory else None,
                                available_memory() // share if share > 1 else None)

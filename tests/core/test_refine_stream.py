@@ -134,3 +134,17 @@ def test_cli_refine_flag():
 def test_config_refuses_a_refine_that_is_not_a_flag():
     with pytest.raises(ValueError, match="true or false"):
         QuantConfig(refine="yes")
+
+
+def test_the_memory_plan_counts_the_hessians_of_a_block_when_refining():
+    from core.memory_plan import plan_for
+
+    model = build_tiny_model("llama")
+    block = model.model.layers[0]
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    plain, refined = plan_for(model, 8, 64), plan_for(model, 8, 64, refine=True)
+    assert plain.hessians == 0 and "refinement" not in plain.describe()
+    assert refined.hessians == 4 * sum(m.in_features ** 2 for m in linears)  # float32 in x in per projection
+    assert refined.quantize > plain.quantize  # refinement's temporaries outweigh k-means's
+    assert refined.cpu_peak >= plain.cpu_peak + refined.hessians
+    assert "refinement's H" in refined.describe()
