@@ -37,8 +37,9 @@ from core.packing import csr_row_indices
 
 SWEEP_BLOCK = 32  # columns per block of the sweep (earlier blocks' errors: one product per block)
 ONE_HOT_BYTES = 64 << 20  # rows of one-hot codes materialised at a time in the table refit
-ROUNDS = 2  # sweep + refit rounds (fewer when one gains under tol): on the demo's real H (blocks 3, 15, 27, 3-bit)
-# the objective falls to 0.449 of k-means's after one, 0.440 after two, 0.436 after three, for 1, 1.5 and 2x the time
+ROUNDS = 1  # sweep + refit rounds: on the demo's real H (blocks 3, 15, 27, 3-bit) the objective falls to 0.449 of
+# k-means's after one, 0.440 after two, 0.436 after three; the streamed demo's quantize step took 2.0x k-means's with
+# one round, 2.9x with two (one process each, loaded 2-core machine)
 REFINE_BYTES_PER_WEIGHT = 100  # peak temporaries of refine_matrix: 91-99 bytes per weight measured at 1024 x 2048
 # and 2048 x 1024 (H, its factor and a dozen [out, in] float32 / int64 copies); core.memory_plan counts it
 CG_STEPS = 1  # conjugate-gradient steps per table refit: on the demo's real H, 2 or 4 lower the objective
