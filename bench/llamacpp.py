@@ -181,8 +181,8 @@ def k_quant(home: Path, model: Path, imatrix: Path, kind: str, work: Path) -> Pa
     return out
 
 
-QUANTIZE_LINE = re.compile(r"\]\s+(\S+\.weight)\s+- \[[^\]]*\], type =\s+(\S+),\s+(?:converting to (\S+)|"
-                           r"size =)")
+QUANTIZE_LINE = re.compile(r"\]\s+(\S+\.weight)\s+- \[[^\]]*\], type =\s+(\S+),\s+(?:={6}[^\n]*\n)?"
+                           r"(?:converting to (\S+)|size =)")  # a "did not find weights" line may come between
 
 
 def tensor_types(log: str) -> dict[str, Counter]:
