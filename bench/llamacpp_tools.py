@@ -53,7 +53,7 @@ def ensure_tools(jobs: int = 2, log=print) -> Path:
         return home
     for program, what in (("cmake", "cmake"), ("c++", "a C++ compiler (g++ or clang++)"),
                           ("cc", "a C compiler (gcc or clang)")):
-        if shutil.which(program) is None:
+        if shutil.which(program, path=_build_path()) is None:
             raise UserError(MISSING_BUILD_TOOLS.format(what=what))
     home.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{home.name}-build-", dir=home.parent))
@@ -121,16 +121,22 @@ def _fetch_source(work: Path, log) -> Path:
     return source
 
 
+def _build_path() -> str:
+    """PATH for the build: this environment's own scripts first (the ``cmake`` wheel of the test extras)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _build(source: Path, build: Path, jobs: int, log) -> None:
     nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    env = {**os.environ, "PATH": _build_path()}
     log(f"configuring llama.cpp ({source})")
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, env=env)
     log(f"building {', '.join(TOOLS)} with {jobs} jobs (a few minutes)")
     subprocess.run([*nice, "cmake", "--build", str(build), "--config", "Release", "-j", str(jobs),
-                    "--target", *TOOLS], check=True, stdout=subprocess.DEVNULL)
+                    "--target", *TOOLS], check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def _cpu_key() -> str:
