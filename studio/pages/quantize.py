@@ -14,10 +14,12 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QSplitter,
     QTableWidget,
@@ -116,7 +118,7 @@ class QuantizePage(Page):
         form.addRow(self.embed_form)
         form.addRow(self.calibration_form)
         form.addRow("Output folder", self.output_picker)
-        where = QHBoxLayout()  # one row: the form is already taller than a small screen
+        where = QHBoxLayout()
         where.addWidget(self.device_combo, 1)
         where.addWidget(QLabel("Workers"))
         where.addWidget(self.workers_spin)
@@ -148,8 +150,16 @@ class QuantizePage(Page):
         progress.setSizes([340, 300])
         right_column.addWidget(progress, 1)
         right_column.addWidget(group("Result", result))
+        # the settings keep their rows' heights and scroll in a short window (they were squeezed into
+        # each other at 900 px once the embedding/head and workers rows came)
+        settings = QScrollArea()
+        settings.setWidget(left)
+        settings.setWidgetResizable(True)
+        settings.setFrameShape(QFrame.Shape.NoFrame)
+        settings.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        settings.setMinimumWidth(left.minimumSizeHint().width() + settings.verticalScrollBar().sizeHint().width())
         splitter = QSplitter()
-        splitter.addWidget(left)
+        splitter.addWidget(settings)
         splitter.addWidget(right)
         splitter.setSizes([430, 800])
         self.outer.addWidget(splitter, 1)
