@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.app_driver import AppDriver
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "studio_memory.json"
 TARGET_BYTES = 16 * 10**9  # issue 15: the studio stays under 16 GB throughout
@@ -64,60 +66,16 @@ class Sampler(threading.Thread):
         self.sample()
 
 
-class Driver:
-    """Runs the Qt event loop while waiting for what the window does."""
+class Driver(AppDriver):
+    """AppDriver that also records VmHWM at the end of each phase."""
 
     def __init__(self, app, window, sampler: Sampler) -> None:
-        self.app, self.window, self.sampler = app, window, sampler
-        self.errors: list[str] = []
+        super().__init__(app, window)
+        self.sampler = sampler
         self.hwm: dict[str, int] = {}
-        window.reporter.shown.connect(self.errors.append)
-
-    def wait(self, condition, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            self.app.processEvents()
-            if self.errors:
-                raise SystemExit(f"the app reported an error while {what}: {self.errors[-1]}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out after {timeout:.0f} s while {what}")
-            time.sleep(0.01)
-
-    def job(self, start, what: str, timeout: float = 7200, on_progress=None) -> tuple[str, float]:
-        """Start a job with ``start()`` and wait for its end; (outcome, seconds)."""
-        outcomes: list[str] = []
-        runner = self.window.runner
-        finished = lambda _title, outcome: outcomes.append(outcome)  # noqa: E731
-        runner.finished.connect(finished)
-        if on_progress is not None:
-            runner.progress.connect(on_progress)
-        t0 = time.perf_counter()
-        try:
-            if start() is False:
-                raise SystemExit(f"could not start {what}")
-            self.wait(lambda: bool(outcomes) and not runner.busy, timeout, what)
-        finally:
-            runner.finished.disconnect(finished)
-            if on_progress is not None:
-                runner.progress.disconnect(on_progress)
-        seconds = time.perf_counter() - t0
-        print(f"{what}: {outcomes[-1]} in {seconds:.1f} s", flush=True)
-        return outcomes[-1], seconds
-
-    def settle(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.app.processEvents()
-            time.sleep(0.02)
 
     def end_phase(self, phase: str) -> None:
         self.hwm[phase] = status_bytes("VmHWM")
-
-    def grab(self, page: str, path: Path) -> None:
-        self.window.show_page(page)
-        self.settle(1.0)
-        self.window.grab().save(str(path))
-        print(f"saved {path}", flush=True)
 
 
 def parse_args() -> argparse.Namespace:

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from bench.app_driver import AppDriver  # noqa: E402  (after the path and environment above)
 
 PAGES = ("model", "inspect", "quantize", "evaluate", "chat")
 CHAT_PROMPT = "In two sentences, why do rivers flood in spring?"
@@ -55,49 +56,6 @@ def tiny_model_folder() -> str:
     return str(folder)
 
 
-class Driver:
-    """Drives the window and waits for its jobs while the Qt event loop keeps running."""
-
-    def __init__(self, app, window) -> None:
-        self.app, self.window = app, window
-        self.errors: list[str] = []
-        window.reporter.shown.connect(self.errors.append)
-
-    def wait(self, condition, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            self.app.processEvents()
-            if self.errors:
-                raise SystemExit(f"the app reported an error while {what}: {self.errors[-1]}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"timed out after {timeout:.0f} s while {what}")
-            time.sleep(0.02)
-
-    def run_job(self, start, what: str, timeout: float = 3600) -> None:
-        t0 = time.monotonic()
-        outcomes: list[str] = []
-        self.window.runner.finished.connect(lambda _title, outcome: outcomes.append(outcome))
-        if start() is False:
-            raise SystemExit(f"could not start {what}")
-        self.wait(lambda: bool(outcomes) and not self.window.runner.busy, timeout, what)
-        if outcomes[-1] != "done":
-            raise SystemExit(f"{what}: {outcomes[-1]}")
-        print(f"{what}: {time.monotonic() - t0:.1f} s", flush=True)
-
-    def settle(self, seconds: float = 0.5) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.app.processEvents()
-            time.sleep(0.02)
-
-    def grab(self, page: str, out: Path) -> None:
-        self.window.show_page(page)
-        self.settle(0.8)
-        path = out / f"{page}.png"
-        self.window.grab().save(str(path))
-        print(f"saved {path}", flush=True)
-
-
 def main() -> int:
     args = parse_args()
     os.environ["SQUEEZE_STUDIO_HOME"] = tempfile.mkdtemp(prefix="studio-screens-")
@@ -111,7 +69,7 @@ def main() -> int:
     window.resize(width, height)
     window.confirm_close = lambda: True  # on a failure, close without asking
     try:
-        take_screenshots(Driver(app, window), window, spec, args)
+        take_screenshots(AppDriver(app, window), window, spec, args)
     finally:
         window.close()
     return 0
@@ -120,8 +78,8 @@ def main() -> int:
 def take_screenshots(drive: Driver, window, spec: str, args: argparse.Namespace) -> None:
     """Visit every page up to ``args.until`` as a person would, saving one picture per page."""
     pages = window.pages
-    drive.run_job(lambda: window.open_model(spec), "loading the model")
-    drive.grab("model", args.out)
+    drive.finish(lambda: window.open_model(spec), "loading the model")
+    drive.grab("model", args.out / "model.png")
     if args.until == "model":
         return
 
@@ -130,19 +88,19 @@ def take_screenshots(drive: Driver, window, spec: str, args: argparse.Namespace)
     calibration = pages["quantize"].calibration_form.editors
     calibration["samples"].setValue(args.samples)
     calibration["seqlen"].setValue(args.seqlen)
-    drive.run_job(pages["inspect"].compute_sensitivity, "computing sensitivity")
+    drive.finish(pages["inspect"].compute_sensitivity, "computing sensitivity")
     pages["inspect"].select_matrix(next(n for n in window.session.fisher if n.endswith("mlp.down_proj")))
     drive.wait(lambda: pages["inspect"].previewer.latest is not None and not pages["inspect"].previewer.computing,
                60, "previewing")
-    drive.grab("inspect", args.out)
+    drive.grab("inspect", args.out / "inspect.png")
     if args.until == "inspect":
         return
 
     window.show_page("quantize")
     output = Path(tempfile.mkdtemp(prefix="screens-out-")) / f"{window.session.model.name}-sq4"
     pages["quantize"].output_picker.set_value(str(output))
-    drive.run_job(pages["quantize"].start, "quantizing")
-    drive.grab("quantize", args.out)
+    drive.finish(pages["quantize"].start, "quantizing")
+    drive.grab("quantize", args.out / "quantize.png")
     if args.until == "quantize":
         return
 
@@ -150,8 +108,8 @@ def take_screenshots(drive: Driver, window, spec: str, args: argparse.Namespace)
     evaluate.eval_form.editors["windows"].setValue(args.windows)
     evaluate.eval_form.editors["seqlen"].setValue(args.seqlen)
     window.show_page("evaluate")
-    drive.run_job(evaluate.start, "evaluating")
-    drive.grab("evaluate", args.out)
+    drive.finish(evaluate.start, "evaluating")
+    drive.grab("evaluate", args.out / "evaluate.png")
     if args.until == "evaluate":
         return
 
@@ -161,8 +119,8 @@ def take_screenshots(drive: Driver, window, spec: str, args: argparse.Namespace)
     chat.settings_form.editors["max_new_tokens"].setValue(args.tokens)
     chat.input_edit.setPlainText(CHAT_PROMPT)
     window.show_page("chat")
-    drive.run_job(chat.send, "chatting")
-    drive.grab("chat", args.out)
+    drive.finish(chat.send, "chatting")
+    drive.grab("chat", args.out / "chat.png")
 
 
 if __name__ == "__main__":
