@@ -20,6 +20,14 @@ def machine_line() -> str:
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}_")
 
 
+def current_commit() -> str:
+    """The short hash of the checkout the benchmark runs from ("?" outside git)."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS.parent, capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md with ``markdown``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

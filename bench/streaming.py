@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.big_models import LABELS, default_workdir, folder_parameters, random_folder
+from bench.report import current_commit
 from bench.streaming_report import RESULTS, ROOT, SHAPES, WHOLE_BYTES_PER_PARAMETER, load_results, markdown
 
 GUARD_BYTES = 3 * 2**30  # a worker is stopped when its RssAnon gets this close to MemAvailable
@@ -117,11 +118,6 @@ def _numel(shape) -> int:
     return n
 
 
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() or "?"
-
-
 def _save(results: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
@@ -200,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         args.samples, args.seqlen, args.demo_samples, args.demo_seqlen, args.eval_windows = 2, 128, 2, 128, 4
     workdir = args.workdir or default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
-    stamp = {"run": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
+    stamp = {"run": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": current_commit()}
     results = {} if args.quick else load_results()
     measure_sizes(["tiny"] if args.quick else args.sizes, args.modes, workdir, args, results, stamp)
     if not args.no_demo:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.app_driver import AppDriver
+from bench.report import current_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "studio_memory.json"
@@ -195,15 +196,10 @@ def measure(folder: Path, args: argparse.Namespace, sampler: Sampler) -> dict:
         "statistics_outcome": outcome, "cache_outcome": cache_outcome,
         "peaks": sampler.peaks, "vm_hwm": status_bytes("VmHWM"), "vm_hwm_by_phase": drive.hwm,
         "memory_plan_line": window.pages["model"].facts["plan"].text(),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "commit": current_commit(),
     }
 
 
-def _commit() -> str:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip()
 
 
 def _gb(n: int) -> str:
