@@ -174,7 +174,7 @@ class BlockMajorPass:
         return grads
 
     def backward_block(self, block: nn.Module, index: int, grads: list[torch.Tensor], need_input_grad: bool = True,
-                       hessians: dict[str, torch.Tensor] | None = None
+                       hessians: dict[str, torch.Tensor] | None = None, hessian_groups: int = 1
                        ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Fisher of loaded block ``index``'s projections and the gradients handed to the block below.
 
@@ -182,7 +182,8 @@ class BlockMajorPass:
         block's device, dL_n/d(input of the block) per window on the CPU; empty when
         ``need_input_grad`` is False). The block's weights are left without gradients.
         hessians: if a dict is given, it receives name -> float32 [in, in] on the block's device, the
-        gradient-weighted Hessian Σ s_t x_t x_tᵀ of each projection (``core.refine.GradientHessians``).
+        gradient-weighted Hessian Σ s_t x_t x_tᵀ of each projection (``core.refine.GradientHessians``);
+        with ``hessian_groups`` G > 1, float32 [G, in, in], one per group of contiguous output rows.
         """
         from core.refine import GradientHessians
 
@@ -190,7 +191,8 @@ class BlockMajorPass:
         fisher = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=self.device)
                   for name, lin in linears.items()}
         below = []
-        recorder = GradientHessians(linears, device=self.device) if hessians is not None else contextlib.nullcontext()
+        recorder = GradientHessians(linears, hessian_groups, self.device) if hessians is not None else \
+            contextlib.nullcontext()
         try:
             for lin in linears.values():
                 lin.weight.requires_grad_(True)

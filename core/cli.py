@@ -85,6 +85,10 @@ def _add_quant_settings(p: argparse.ArgumentParser) -> None:
                    help="lnq: after k-means, refit each row's lookup table and codes against the layer's output "
                         "error weighted by the loss gradients (same format; slower). Default: "
                         + ("lnq" if _default_refine() else "none"))
+    p.add_argument("--refine-groups", type=int, default=None, metavar="G",
+                   help="with --refine lnq: weigh each of G contiguous groups of a matrix's output rows by their own "
+                        "loss gradients (G must divide every matrix's rows; each group adds one in x in Hessian per "
+                        "matrix). Default 1")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
@@ -95,7 +99,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from(args: argparse.Namespace):
-    from core.config import EMBED_WIDTHS, OutlierConfig, QuantConfig
+    from core.config import EMBED_WIDTHS, MAX_REFINE_GROUPS, OutlierConfig, QuantConfig
 
     if args.outlier_range is not None:
         outliers = OutlierConfig(range_multiplier=args.outlier_range, percent=None)
@@ -105,6 +109,13 @@ def quant_config_from(args: argparse.Namespace):
     refine = _default_refine() if getattr(args, "refine", None) is None else args.refine == "lnq"
     if getattr(args, "refine", None) == "lnq" and args.method != "squeezellm":
         raise ValueError(f"--refine lnq refines SqueezeLLM's tables: use --method squeezellm, not {args.method}")
+    groups = getattr(args, "refine_groups", None)
+    if groups is not None:
+        if not (refine and args.method == "squeezellm"):
+            raise ValueError("--refine-groups sets refinement's channel groups: add --refine lnq, or drop it")
+        if not 1 <= groups <= MAX_REFINE_GROUPS:
+            raise ValueError(f"--refine-groups {groups} is not supported: use a whole number from 1 to "
+                             f"{MAX_REFINE_GROUPS} that divides every matrix's rows (1: one Hessian per matrix)")
     widths = {field: getattr(args, field) for field in ("embed_bits", "head_bits")
               if getattr(args, field, None) is not None}
     for field, value in widths.items():
@@ -113,7 +124,7 @@ def quant_config_from(args: argparse.Namespace):
             raise ValueError(f"{option} {value} is not supported: use 4, 6 or 8 (lookup-table codes) or 16 (float16)")
     return QuantConfig(bits=4 if args.bits is None else args.bits, method=args.method, outliers=outliers,
                        sensitivity_percent=args.sensitivity, target_bits=args.target_bits,
-                       refine=refine and args.method == "squeezellm", **widths)
+                       refine=refine and args.method == "squeezellm", refine_groups=groups or 1, **widths)
 
 
 def _default_width(field: str) -> int:

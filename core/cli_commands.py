@@ -156,7 +156,9 @@ def _run_info(args: argparse.Namespace) -> int:
         width = f"{next(iter(per_bits), config.get('bits', '?'))} bits"
     print(f"folder:          {args.folder.resolve()}")
     print(f"source model:    {block.get('source_model', '?')}")
-    refined = ", refined (lnq)" if config.get("refine") else ""
+    groups = config.get("refine_groups", 1)
+    refined = (f", refined (lnq, {groups} channel groups)" if groups > 1 else ", refined (lnq)") \
+        if config.get("refine") else ""
     print(f"method:          {config.get('method', '?')}, {width}{refined}")
     outliers = config.get("outliers") or {}
     print(f"outliers:        range x{outliers.get('range_multiplier')} / target {outliers.get('percent')}% "

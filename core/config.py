@@ -18,6 +18,7 @@ METHODS = ("squeezellm", "rtn", "rtn-g128")
 SUPPORTED_BITS = (2, 3, 4)
 MIXED_BITS = (3, 4)  # the widths a target_bits budget chooses between, per matrix
 EMBED_WIDTHS = (4, 6, 8, 16)  # token embedding / output head: LUT codes of 4, 6 or 8 bits, or 16 = float16
+MAX_REFINE_GROUPS = 64  # refinement's channel groups: each one a float32 in x in Hessian per matrix
 EMBED_WEIGHTINGS = ("frequency", "none")  # k-means weights of an untied embedding's rows (core.embed_head)
 
 
@@ -103,10 +104,18 @@ class QuantConfig:
         "Refine codes and tables", "After k-means, refit each row's lookup table and codes against the "
         "layer's output error weighted by the loss gradients (LNQ); same file format, lower perplexity "
         "at 3 bits, slower quantizing, squeezellm only."))
+    refine_groups: int = field(default=1, metadata=_hint(
+        "Channel groups", "Refinement weighs each of this many contiguous groups of a matrix's output rows by "
+        "their own loss gradients (it must divide every matrix's row count; each group adds one Hessian's memory "
+        "and calibration time).", min=1, max=MAX_REFINE_GROUPS))
 
     def __post_init__(self) -> None:
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine = {self.refine!r} must be true or false")
+        if isinstance(self.refine_groups, bool) or not isinstance(self.refine_groups, int) \
+                or not 1 <= self.refine_groups <= MAX_REFINE_GROUPS:
+            raise ValueError(f"refine groups = {self.refine_groups!r} is not supported: use a whole number from 1 "
+                             f"to {MAX_REFINE_GROUPS} (1: one Hessian per matrix)")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
         for name, value in (("embed bits", self.embed_bits), ("head bits", self.head_bits)):

@@ -5,7 +5,7 @@ blocks (embedding, head, norms) in the compute dtype, one block's weights, gradi
 Fisher, the autograd temporaries of one window through one block, the quantization temporaries of
 the block's largest matrix per worker thread, the outlier statistics, the block inputs kept in RAM
 (the rest go to disk), and the runtime (Python, torch, transformers). With refinement (core.refine),
-the block's gradient-weighted Hessians (in_features² float32 per projection) and refinement's
+the block's gradient-weighted Hessians (groups x in_features² float32 per projection) and refinement's
 larger temporaries per worker. ``check_memory`` compares it
 with what the machine has and refuses, naming the setting that fixes it, instead of being killed.
 """
@@ -35,7 +35,7 @@ class MemoryPlan:
     activations: int  # block inputs of every window, all blocks
     activations_in_ram: int
     runtime: int = RUNTIME_BYTES
-    hessians: int = 0  # refinement's H of one block's projections
+    hessians: int = 0  # refinement's H of one block's projections (one [in, in] per channel group)
 
     @property
     def cpu_peak(self) -> int:
@@ -94,7 +94,7 @@ def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, 
     """The estimate for a model of these sizes (counts of weights; bytes per element of the compute dtype).
 
     activation_budget: bytes of block inputs kept in RAM (None: all of them). hessian_entries: with
-    refinement, Σ in_features² over one block's projections (0: refinement off).
+    refinement, groups x Σ in_features² over one block's projections (0: refinement off).
     """
     threads = threads or os.cpu_count() or 1
     outside = (parameters - block_parameters * n_blocks) * compute_bytes
@@ -137,8 +137,9 @@ def activation_budget(plan: MemoryPlan, cpu_memory: int | None = None, available
 
 
 def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtype=None,
-             refine: bool = False) -> MemoryPlan:
-    """``plan_memory`` for a causal LM with every block input in RAM (refine: with core.refine's H).
+             refine: bool = False, refine_groups: int = 1) -> MemoryPlan:
+    """``plan_memory`` for a causal LM with every block input in RAM (refine: with core.refine's H, one
+    float32 [in, in] per projection and channel group).
 
     model: a transformers model (loaded, or the meta skeleton of a ``core.lazy_model.LazyModel``) or
     a LazyModel; compute_dtype: the dtype blocks compute in (default: the LazyModel's, else float32).
@@ -158,7 +159,7 @@ def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtyp
     blocks = decoder_blocks(model)
     linears = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
     matrices = [m.weight.numel() for m in linears]
-    hessian_entries = sum(m.in_features ** 2 for m in linears) if refine else 0
+    hessian_entries = refine_groups * sum(m.in_features ** 2 for m in linears) if refine else 0
     block_parameters = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     element = torch.empty(0, dtype=compute_dtype or torch.float32).element_size()
     return plan_memory(parameters=sum(p.numel() for p in model.parameters()), block_parameters=block_parameters,

@@ -126,7 +126,15 @@ def _run_job(job: QuantizeJob, device: torch.device, ranks) -> Generator[Progres
 
         windows = ranks.tensors_from_main(make_windows, "calibration windows")["windows"]  # rank 0's, everywhere
     samples = ranks.my_windows(windows).shape[0] if squeezellm else job.calibration.samples
-    plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm, refine=job.config.refine)
+    refine = squeezellm and job.config.refine
+    if refine:  # every matrix's rows split into the channel groups: refused now, not after the calibration pass
+        from core.block_pass import block_linears
+        from core.refine import check_groups
+
+        check_groups({name: lin for i in range(len(lazy.blocks)) for name, lin in block_linears(lazy, i).items()},
+                     job.config.refine_groups)
+    plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm, refine=refine,
+                    refine_groups=job.config.refine_groups)
     share = ranks.local_world  # the ranks on this machine share its memory
     budget = activation_budget(plan, job.cpu_memory // share if job.cpu_memory else None,
                                available_memory() // share if share > 1 else None)

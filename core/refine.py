@@ -28,6 +28,7 @@ so the objective never increases and never ends worse than k-means's.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -97,10 +98,24 @@ class GradientHessians:
         g2 = grad.reshape(-1, grad.shape[-1]).to(device=h.device, dtype=torch.float32).square()
         if self.groups == 1:
             h.addmm_((xf * g2.mean(1, keepdim=True)).t(), xf)
-        else:
+        else:  # every group's Σ s_gt x_t x_tᵀ in one product: [G * in, tokens] @ [tokens, in]
             s = g2.view(g2.shape[0], self.groups, -1).mean(2)
-            for g in range(self.groups):
-                h[g].addmm_((xf * s[:, g:g + 1]).t(), xf)
+            weighted = (s.unsqueeze(2) * xf.unsqueeze(1)).reshape(xf.shape[0], -1)
+            h.view(-1, h.shape[-1]).addmm_(weighted.t(), xf)
+
+
+def check_groups(linears: dict, groups: int) -> None:
+    """UserError naming the first ``nn.Linear`` whose output rows ``groups`` channel groups do not divide,
+    and the group counts that divide every one of them (refinement's H has one [in, in] per group)."""
+    from core.config import MAX_REFINE_GROUPS
+    from core.errors import UserError
+
+    for name, lin in linears.items():
+        if lin.out_features % groups:
+            common = math.gcd(*(m.out_features for m in linears.values()))
+            fits = ", ".join(str(g) for g in range(1, min(common, MAX_REFINE_GROUPS) + 1) if common % g == 0)
+            raise UserError(f"refinement's {groups} channel groups do not divide the {lin.out_features} output rows "
+                            f"of {name}: use a group count that divides every matrix's rows ({fits})")
 
 
 def sparse_mask_of(q, shape: tuple[int, int]) -> torch.Tensor:

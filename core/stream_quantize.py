@@ -162,8 +162,10 @@ class StreamQuantizer:
         from core.sensitivity import BlockFisherCache
 
         calibration = from_dict(CalibrationConfig, self.settings["calibration"])
+        groups = self.config.refine_groups  # H of other groups is another cache: never [in, in] for [G, in, in]
         size = sum(lin.in_features ** 2 for i in range(self.n_blocks) for lin in block_linears(self.lazy, i).values())
-        return BlockFisherCache(self.staging.key["model"], calibration, 4 * size, kind="hessians")
+        return BlockFisherCache(self.staging.key["model"], calibration, 4 * groups * size,
+                                kind="hessians" if groups == 1 else f"hessians-g{groups}")
 
     def _squeezellm_blocks(self) -> Generator[ProgressEvent, None, None]:
         cache, hcache = self._fisher_cache(), self._hessian_cache()
@@ -222,7 +224,8 @@ class StreamQuantizer:
                 block = self.lazy.load_block(i, self.options.device)
                 try:
                     hessians = {} if hcache is not None else None
-                    fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0, hessians=hessians)
+                    fisher, grads = passer.backward_block(block, i, grads, need_input_grad=i > 0, hessians=hessians,
+                                                          hessian_groups=self.config.refine_groups)
                     self.ranks.sum_(fisher)
                     if hessians is not None:
                         self.ranks.sum_(hessians, "H sums")
