@@ -38,6 +38,6 @@ def estimate_seconds(parameters: int, quantizable: int, config: QuantConfig, cal
     quantize = QUANTIZE_SECONDS_PER_MWEIGHT * quantizable / 1e6 * iterations * sum(widths) / 4.0 / speed
     seconds = {"load and save": LOAD_SAVE_SECONDS * parameters / 135e6, "sensitivity": fisher, "quantize": quantize}
     if config.refine and config.method == "squeezellm":
-        seconds["sensitivity"] *= 1 + HESSIAN_PASS_EXTRA
+        seconds["sensitivity"] *= 1 + HESSIAN_PASS_EXTRA * config.refine_groups  # one H per channel group
         seconds["refine"] = REFINE_SECONDS_PER_MWEIGHT * quantizable / 1e6 * len(widths) / speed
     return seconds

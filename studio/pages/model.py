@@ -246,9 +246,10 @@ class ModelPage(Page):
         from core.errors import UserError
         from core.memory_plan import activation_budget, available_memory, plan_for
 
-        calibration = self.session.calibration
-        plan = plan_for(model.lazy, calibration.samples, calibration.seqlen,
-                        fisher=self.session.quant_config.method == "squeezellm")
+        calibration, config = self.session.calibration, self.session.quant_config
+        squeezellm = config.method == "squeezellm"
+        plan = plan_for(model.lazy, calibration.samples, calibration.seqlen, fisher=squeezellm,
+                        refine=squeezellm and config.refine, refine_groups=config.refine_groups)
         free = available_memory()
         try:  # as the run does: the block inputs that do not fit in memory go to disk
             budget, too_big = activation_budget(plan, available=free), ""

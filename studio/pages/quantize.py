@@ -65,7 +65,7 @@ class QuantizePage(Page):
     def __init__(self, session, runner, parent: QWidget | None = None) -> None:
         super().__init__(session, runner, parent)
         self.controls = QuantControls(sliders=False, show_method=True)
-        self.mixed_form = ConfigForm(session.quant_config, ["target_bits", "refine"])
+        self.mixed_form = ConfigForm(session.quant_config, ["target_bits", "refine", "refine_groups"])
         self.embed_form = ConfigForm(session.quant_config, ["embed_bits", "head_bits"])  # core.embed_head
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
@@ -221,6 +221,8 @@ class QuantizePage(Page):
             self.embed_form.set_value(config)
         self.controls.bits_combo.setEnabled(config.target_bits is None)
         self.mixed_form.setEnabled(not self.runner.busy and config.method == "squeezellm")
+        for widget in (self.mixed_form.editors["refine_groups"], self.mixed_form.labels["refine_groups"]):
+            widget.setEnabled(config.refine)  # channel groups mean nothing without refinement
         if self.calibration_form.value() != self.session.calibration:
             self.calibration_form.set_value(self.session.calibration)
         self._show_summary()
@@ -262,7 +264,8 @@ class QuantizePage(Page):
         if config.method == "squeezellm":
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]
             if config.refine:
-                steps.append("refine every row's table and codes against the gradient-weighted layer error")
+                groups = f" ({config.refine_groups} channel groups)" if config.refine_groups > 1 else ""
+                steps.append(f"refine every row's table and codes against the gradient-weighted layer error{groups}")
         steps.append(self._embed_head_line(config, info))
         steps.append(self._memory_line(config, calibration))
         size = f"about {human_bytes(estimated_folder_bytes(info, config))}"
@@ -296,7 +299,9 @@ class QuantizePage(Page):
 
         model, workers = self.session.model, self.workers_spin.value()
         windows = math.ceil(calibration.samples / workers)  # each worker keeps the block inputs of its share
-        plan = plan_for(model.lazy, windows, calibration.seqlen, fisher=config.method == "squeezellm")
+        squeezellm = config.method == "squeezellm"
+        plan = plan_for(model.lazy, windows, calibration.seqlen, fisher=squeezellm, refine=squeezellm and config.refine,
+                        refine_groups=config.refine_groups)
         free = available_memory()
         spill = "" if workers * plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
         who = "one block at a time" if workers == 1 else \
