@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
@@ -205,10 +207,10 @@ class InspectPage(Page):
         loaded = self.session.model
         if loaded is not None:
             blocks: dict[int, QTreeWidgetItem] = {}
-            for name in matrix_names(loaded):
-                index = block_index(name)
+            for name in sorted(matrix_names(loaded), key=lambda n: _tree_group(n)[0]):  # blocks first
+                index, title = _tree_group(name)
                 if index not in blocks:
-                    blocks[index] = QTreeWidgetItem(self.matrix_tree, [f"Block {index}"])
+                    blocks[index] = QTreeWidgetItem(self.matrix_tree, [title])
                 child = QTreeWidgetItem(blocks[index], [short_module_name(name)])
                 child.setData(0, Qt.ItemDataRole.UserRole, name)
                 child.setToolTip(0, name)
@@ -344,3 +346,13 @@ class InspectPage(Page):
         self.compute_button.setEnabled(idle and dense)
         self.samples_spin.setEnabled(idle)
         self.controls.setEnabled(dense)
+
+
+def _tree_group(name: str) -> tuple[int, str]:
+    """(order, title) of the matrix tree's group for ``name``: its decoder block, or, last, the embedding
+    and head (a quantized result's lookup-table embedding / head outside the blocks)."""
+    try:
+        index = block_index(name)
+    except ValueError:
+        return sys.maxsize, "Embedding and head"
+    return index, f"Block {index}"
