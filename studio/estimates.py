@@ -21,7 +21,12 @@ GPU_SPEEDUP = 10.0
 # Refinement (QuantConfig.refine): seconds per million quantizable weights on the demo (2 cores). Its work per
 # weight grows with the layer's input width (H is in x in), so wider models take longer per weight (1.1B-shaped
 # matrices: about 3.5x the demo's per weight, bench/results/refine_scale.json). H also adds to the calibration pass.
-REFINE_SECONDS_PER_MWEIGHT = 0.5  # 3 bits, one round: 56 s of 2 cores for 106 M weights (machine under load)
+# From bench/results/accuracy.json, its four refined 100-window rows (bench.accuracy at c596774, 2 cores shared
+# with other jobs, load average 2-10): refinement added 26.0 / 27.5 / 22.2 / 25.9 s (3-bit dense-only /
+# dense-and-sparse, 4-bit the same) to the quantize step's wall time against the same rows without it, for the
+# demo's 106.2 M weights: 0.21-0.26 s per million (its 'refine' seconds, 38.5 / 40.7 / 35.4 / 40.1, are summed
+# over the two matrix threads).
+REFINE_SECONDS_PER_MWEIGHT = 0.24
 HESSIAN_PASS_EXTRA = 0.3  # the gradient-weighted H: ~2 x tokens x in^2 flops per layer, ~30% more than the Fisher pass
 
 
