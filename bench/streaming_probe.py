@@ -5,7 +5,7 @@ python -m bench.streaming --probe
 Whole runs at 1.1 B and 8 B parameters take minutes to an hour each, so on a shared machine their
 stage times carry whatever else ran meanwhile. This probe does the per-block work of the streaming
 engine on block 0 of the 1.1 B- and 8 B-shaped folders, alternating between them (``ROUNDS`` times) so
-both see the same machine: outlier statistics (``core.lazy_stats.condense`` of each stored bf16
+both see the same machine: outlier statistics (``core.outliers.OutlierStats.of`` of each stored bf16
 matrix, as the forward sweep does), then the split and the k-means of ``core.quantize`` on every
 projection with a seeded stand-in Fisher (their cost does not depend on the Fisher's values), with
 the engine's own thread pool (``core.quantize.per_matrix``). Reported: seconds per million weights
@@ -28,8 +28,7 @@ def block_stage_seconds(folder: Path) -> tuple[int, dict[str, float]]:
     """(weights of block 0's projections, stage -> seconds) for one pass over block 0."""
     from core.block_pass import block_linears
     from core.lazy_model import LazyModel
-    from core.lazy_stats import condense
-    from core.outliers import solve_range_multiplier
+    from core.outliers import OutlierStats, solve_range_multiplier
     from core.quantize import per_matrix, quantize_matrix_widths
 
     lazy = LazyModel.open(folder)
@@ -39,7 +38,7 @@ def block_stage_seconds(folder: Path) -> tuple[int, dict[str, float]]:
         linears = block_linears(lazy, 0)
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        stats = {name: condense(lin.weight.to(stored[f"{name}.weight"])) for name, lin in linears.items()}
+        stats = {name: OutlierStats.of(lin.weight.to(stored[f"{name}.weight"])) for name, lin in linears.items()}
         seconds["outliers"] = time.perf_counter() - t0
         multiplier = solve_range_multiplier(list(stats.values()), OUTLIER_PERCENT)
         generator = torch.Generator().manual_seed(0)

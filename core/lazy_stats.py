@@ -3,8 +3,8 @@
 ``collect_lazy_stats(lazy)`` condenses every quantizable matrix of a ``core.lazy_model.LazyModel``
 (``core.preview.MatrixStats``, the input of the live previews), reading each matrix from the shards
 on its own, so the peak is one matrix and its temporaries (~0.5 GB for an 8 B model's MLP matrix),
-plus the condensed statistics kept (at most ``SKETCH_SIZE`` float32 values per matrix). 16-bit
-matrices are condensed by counting their bit patterns instead of sorting (``condense``).
+plus the condensed statistics kept (``core.outliers.OutlierStats``: a 16-bit matrix's distinct values
+and their counts, a few kilobytes; at most ``SKETCH_SIZE`` float32 values of a float32 matrix).
 
 Each finished block is cached on disk (``StatsCache``: one safetensors file per block, keyed by the
 folder's fingerprint ``core.lazy_model.folder_fingerprint``), so a cancelled pass resumes at the first
@@ -14,19 +14,17 @@ missing block and a second visit reads the cache in seconds.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Generator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from core.outliers import SKETCH_SIZE, OutlierStats
 from core.preview import MatrixStats
 from core.progress import ProgressEvent
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: 16-bit matrices as distinct values + cumulative counts
 
 
 class StatsCache:
@@ -50,8 +48,10 @@ class StatsCache:
         try:
             with safe_open(self._file(index), framework="pt") as handle:
                 facts = json.loads(handle.metadata()["matrices"])
+                keys = set(handle.keys())
                 return [MatrixStats(name, tuple(fact["shape"]),
                                     OutlierStats(fact["numel"], fact["q1"], fact["q3"], handle.get_tensor(name),
+                                                 handle.get_tensor(f"{name}:ends") if f"{name}:ends" in keys else None,
                                                  torch.empty(0)))
                         for name, fact in facts.items()]
         except Exception:  # a damaged or foreign file: recompute rather than fail
@@ -70,7 +70,9 @@ class StatsCache:
         path = self._file(index)
         tmp = temp_path(path, "tmp")
         try:
-            save_file({m.name: m.stats.values_sorted.contiguous() for m in stats}, tmp,
+            tensors = {m.name: m.stats.values.contiguous() for m in stats}
+            tensors.update({f"{m.name}:ends": m.stats.ends.contiguous() for m in stats if m.stats.ends is not None})
+            save_file(tensors, tmp,
                       metadata={"matrices": json.dumps(facts), "block": str(index)})
             os.replace(tmp, path)
         finally:
@@ -96,39 +98,7 @@ def _block_of(name: str, prefix: str) -> int:
 def matrix_stats(lazy, name: str) -> MatrixStats:
     """One matrix condensed, read from its file alone."""
     weight = lazy.tensor(f"{name}.weight")
-    return MatrixStats(name, tuple(weight.shape), condense(weight))
-
-
-def condense(weight: torch.Tensor) -> OutlierStats:
-    """``OutlierStats.of(weight)`` (no Fisher), equal to it value for value, in linear time for 16-bit
-    weights: a bf16/fp16 matrix has at most 65,536 distinct values, so counting each bit pattern gives
-    the sorted entries without sorting (an 8 B model's 58.7 M-entry matrix: a count instead of a sort)."""
-    if weight.dtype not in (torch.bfloat16, torch.float16):
-        return OutlierStats.of(weight)
-    codes = weight.detach().reshape(-1).cpu().view(torch.int16).to(torch.int32) & 0xFFFF  # the bit patterns
-    counts = torch.bincount(codes, minlength=1 << 16).numpy()
-    value_of = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(weight.dtype).float().numpy()
-    order = np.argsort(value_of, kind="stable")  # NaN patterns last, as np.sort puts them
-    values, ends = value_of[order], np.cumsum(counts[order])  # ends[i]: entries up to value i, sorted
-
-    def at(positions: np.ndarray) -> np.ndarray:
-        """The entries at these 0-based positions of the sorted matrix."""
-        return values[np.searchsorted(ends, positions, side="right")]
-
-    n = codes.numel()
-    q1, q3 = (_interpolated(at, q * (n - 1)) for q in (0.25, 0.75))
-    if n > SKETCH_SIZE:
-        sketch = at(np.linspace(0, n - 1, SKETCH_SIZE).round().astype(np.int64))
-    else:
-        sketch = np.repeat(values, counts[order])
-    return OutlierStats(n, q1, q3, torch.from_numpy(np.ascontiguousarray(sketch, dtype=np.float32)), torch.empty(0))
-
-
-def _interpolated(at, position: float) -> float:
-    """numpy's linear interpolation between the sorted entries around ``position`` (core.outliers.quartiles)."""
-    lo, hi = math.floor(position), math.ceil(position)
-    v_lo, v_hi = (float(v) for v in at(np.array([lo, hi])))
-    return v_lo + (v_hi - v_lo) * (position - lo)
+    return MatrixStats(name, tuple(weight.shape), OutlierStats.of(weight))
 
 
 def collect_lazy_stats(lazy, cache: StatsCache | None = None) -> Generator[ProgressEvent, None, list[MatrixStats]]:

@@ -326,10 +326,9 @@ class StreamQuantizer:
         """Each projection's quartiles (fixed multiplier) or OutlierStats (solved multiplier).
 
         Weights stored in 16 bits are condensed in their stored dtype (exact: the compute copy holds
-        the same values) by counting bit patterns, in linear time instead of a sort.
+        the same values) by counting bit patterns: linear time, and a few kilobytes per matrix kept until
+        the multiplier is solved over the whole model.
         """
-        from core.lazy_stats import condense
-
         t0 = time.perf_counter()
         if self.config.outliers.enabled:
             if self._stored_dtypes is None:
@@ -337,7 +336,8 @@ class StreamQuantizer:
             stored = self._stored_dtypes
             for name, lin in block_linears(self.lazy, index).items():
                 dtype = stored.get(f"{name}.weight", lin.weight.dtype)
-                condensed = condense(lin.weight.to(dtype) if dtype in (torch.bfloat16, torch.float16) else lin.weight)
+                sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+                condensed = OutlierStats.of(lin.weight.to(dtype) if sixteen_bit else lin.weight)
                 fixed = self.config.outliers.range_multiplier is not None
                 stats[name] = (condensed.q1, condensed.q3) if fixed else condensed
         self._lap("outliers", t0)

@@ -135,7 +135,7 @@ def test_outlier_statistics_block_by_block_with_progress_and_cache(qtbot, window
     for m in stats:
         whole = OutlierStats.of(stored[f"{m.name}.weight"])
         assert (m.stats.q1, m.stats.q3, m.stats.numel) == (whole.q1, whole.q3, whole.numel)
-        assert torch.equal(m.stats.values_sorted, whole.values_sorted)
+        assert torch.equal(m.stats.values, whole.values) and torch.equal(m.stats.ends, whole.ends)
     # progress: matrix by matrix, each block named when it is done
     counts = [e.done for e in events if e.stage == "stats" and e.total]
     assert counts == sorted(counts) and counts[-1] == 14
@@ -152,6 +152,9 @@ def test_outlier_statistics_block_by_block_with_progress_and_cache(qtbot, window
     assert run_and_wait(qtbot, window, page.analyse_button.click) == "done"
     assert not any(".mlp." in name or ".layers.1." in name for name in tensor_reads)  # at most Inspect's histogram
     assert [m.stats.q3 for m in window.session.stats] == [m.stats.q3 for m in stats]
+    for cached, computed in zip(window.session.stats, stats):  # the exact value counts come back
+        assert torch.equal(cached.stats.values, computed.stats.values)
+        assert torch.equal(cached.stats.ends, computed.stats.ends)
 
 
 def test_cancelled_statistics_keep_finished_blocks_and_resume(qtbot, window, bf16_dir, own_cache, tensor_reads,
