@@ -266,6 +266,9 @@ class QuantizePage(Page):
             if config.refine:
                 groups = f" ({config.refine_groups} channel groups)" if config.refine_groups > 1 else ""
                 steps.append(f"refine every row's table and codes against the gradient-weighted layer error{groups}")
+            elif config.bits == 3 and config.target_bits is None:
+                steps.append("<i>tip: at 3 bits, refining codes and tables lowered the demo model's perplexity by "
+                             "13-18% (README, Refinement)</i>")
         steps.append(self._embed_head_line(config, info))
         steps.append(self._memory_line(config, calibration))
         size = f"about {human_bytes(estimated_folder_bytes(info, config))}"

@@ -79,6 +79,11 @@ def test_quantize_page_summary_and_settings_follow_inspect(qtbot, window, tiny_m
     assert inspect.samples_spin.value() == 7 and window.session.calibration.samples == 7
     assert "7 windows" in page.summary_label.text()
     assert page.output_picker.value().endswith("-sq4")
+    assert "tip: at 3 bits" not in page.summary_label.text()
+    page.controls.bits_combo.setCurrentIndex(page.controls.bits_combo.findData(3))
+    assert "tip: at 3 bits, refining" in page.summary_label.text()  # the measured case for refinement
+    page.mixed_form.editors["refine"].setChecked(True)
+    assert "tip: at 3 bits" not in page.summary_label.text() and "refine every row" in page.summary_label.text()
     for widget in (page.controls.bits_combo, page.controls.mode_combo, page.calibration_form.editors["samples"],
                    page.device_combo):
         assert widget.toolTip()
