@@ -134,7 +134,8 @@ def _run_job(job: QuantizeJob, device: torch.device, ranks) -> Generator[Progres
         check_groups({name: lin for i in range(len(lazy.blocks)) for name, lin in block_linears(lazy, i).items()},
                      job.config.refine_groups)
     plan = plan_for(lazy, samples, job.calibration.seqlen, fisher=squeezellm, refine=refine,
-                    refine_groups=job.config.refine_groups)
+                    refine_groups=job.config.refine_groups, embed_bits=job.config.embed_bits,
+                    head_bits=job.config.head_bits)
     share = ranks.local_world  # the ranks on this machine share its memory
     budget = activation_budget(plan, job.cpu_memory // share if job.cpu_memory else None,
                                available_memory() // share if share > 1 else None)
@@ -195,7 +196,7 @@ def check_gpu_memory(plan, device: torch.device, gpu_memory: int | None) -> None
         return
     free, _total = torch.cuda.mem_get_info(device)
     limit = min(free, gpu_memory) if gpu_memory else free
-    need = plan.block + plan.window + plan.quantize + plan.outside_blocks
+    need = max(plan.block + plan.window + plan.quantize, plan.top) + plan.outside_blocks
     if need > limit:
         raise UserError(f"not enough GPU memory: one block with its Fisher, the embedding and head need about "
                         f"{need / 2**30:.1f} GB but {limit / 2**30:.1f} GB is free: use --device cpu, fewer or "

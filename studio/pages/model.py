@@ -249,7 +249,8 @@ class ModelPage(Page):
         calibration, config = self.session.calibration, self.session.quant_config
         squeezellm = config.method == "squeezellm"
         plan = plan_for(model.lazy, calibration.samples, calibration.seqlen, fisher=squeezellm,
-                        refine=squeezellm and config.refine, refine_groups=config.refine_groups)
+                        refine=squeezellm and config.refine, refine_groups=config.refine_groups,
+                        embed_bits=config.embed_bits, head_bits=config.head_bits)
         free = available_memory()
         try:  # as the run does: the block inputs that do not fit in memory go to disk
             budget, too_big = activation_budget(plan, available=free), ""

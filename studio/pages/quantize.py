@@ -304,7 +304,8 @@ class QuantizePage(Page):
         windows = math.ceil(calibration.samples / workers)  # each worker keeps the block inputs of its share
         squeezellm = config.method == "squeezellm"
         plan = plan_for(model.lazy, windows, calibration.seqlen, fisher=squeezellm, refine=squeezellm and config.refine,
-                        refine_groups=config.refine_groups)
+                        refine_groups=config.refine_groups, embed_bits=config.embed_bits,
+                        head_bits=config.head_bits)
         free = available_memory()
         spill = "" if workers * plan.cpu_peak <= 0.85 * free else " (block inputs that do not fit go to disk)"
         who = "one block at a time" if workers == 1 else \

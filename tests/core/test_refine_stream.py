@@ -139,7 +139,12 @@ def test_config_refuses_a_refine_that_is_not_a_flag():
 def test_the_memory_plan_counts_the_hessians_of_a_block_when_refining():
     from core.memory_plan import plan_for
 
-    model = build_tiny_model("llama")
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    # a 256-token vocabulary: the block, not the loss's logits at the top, makes the peak
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=256))
     block = model.model.layers[0]
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     plain, refined = plan_for(model, 8, 64), plan_for(model, 8, 64, refine=True)
