@@ -110,7 +110,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     q_bytes, o_bytes = model_bytes(loaded.model)
     result = preview(stats, config, o_bytes, q_bytes + o_bytes, embed_head_sizes(loaded.model))
     plan = plan_for(loaded.model, calibration.samples, calibration.seqlen, fisher=config.method == "squeezellm",
-                    embed_bits=config.embed_bits, head_bits=config.head_bits)
+                    refine=config.refine, refine_groups=config.refine_groups, embed_bits=config.embed_bits,
+                    head_bits=config.head_bits)
     if args.json:
         print(json.dumps({"range_multiplier": result.range_multiplier, "sparse_percent": result.sparse_percent,
                           "quantize_memory_bytes": plan.cpu_peak, "available_memory_bytes": available_memory(),
