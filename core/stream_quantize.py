@@ -289,13 +289,14 @@ class StreamQuantizer:
     # ------------------------------------------------------------------ embedding and head
 
     def _needs_head_fisher(self) -> bool:
-        """True when the head's Fisher weighs a quantized matrix: a quantized head, or a quantized tied pair."""
-        from core.embed_head import find_embed_head
+        """True when the head's Fisher weighs a quantized matrix: a quantized head, or a quantized tied pair
+        (stored at the larger of the two widths: 6 / 16 keeps it in float16)."""
+        from core.embed_head import find_embed_head, stored_bits
 
         found = find_embed_head(self.lazy.skeleton)
         if found is None or found.head is None:
             return False
-        return self.config.head_bits < 16 or (found.tied and self.config.embed_bits < 16)
+        return stored_bits(self.config.embed_bits, self.config.head_bits, found.tied)[1] < 16
 
     def _head_fisher_file(self) -> Path:
         return self.staging.path / "head-fisher.safetensors"

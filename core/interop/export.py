@@ -145,8 +145,9 @@ def squeezellm_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
 def _write_squeezellm_pt(loaded, tmp: Path, dtype: torch.dtype) -> Generator[ProgressEvent, None, None]:
     problem = vllm_export_problem(loaded.model)
     if problem:
-        raise UserError(f"cannot export {loaded.name} as squeezellm-pt: {problem}. Quantize it 4-bit "
-                        "dense-only (no outliers, sensitivity 0) for vLLM, or export hf-dense or gguf")
+        raise UserError(f"cannot export {loaded.name} as squeezellm-pt: {problem}. Quantize it 4-bit dense-only "
+                        "with a float16 embedding and head for vLLM (--bits 4 --outlier-percent 0 --sensitivity 0 "
+                        "--embed-bits 16 --head-bits 16), or export hf-dense or gguf")
     warning = vllm_shape_warning(loaded.model)
     if warning:
         yield ProgressEvent("warning", 0, 0, warning)

@@ -169,7 +169,7 @@ def test_save_load_and_from_pretrained_round_trips(tmp_path, demo_tokenizer, tie
 def test_a_tied_model_stores_one_copy_and_sizes_match_the_bytes_on_disk(tmp_path, demo_tokenizer, capsys):
     from core.cli import main
     from core.evaluate import model_size_report
-    from core.preview import embed_head_sizes
+    from core.preview import collect_stats, embed_head_sizes, model_bytes, preview
 
     config = QuantConfig(bits=4, embed_bits=4, head_bits=6, outliers=OutlierConfig(percent=None), sensitivity_percent=0)
     original = tiny_model(tied=True, vocab=len(demo_tokenizer))
@@ -188,6 +188,10 @@ def test_a_tied_model_stores_one_copy_and_sizes_match_the_bytes_on_disk(tmp_path
     assert pair_on_disk == vocab * (64 * 6 // 8 + 64 * 2) + (vocab + 1) * 4  # codes + fp16 LUT + CSR pointer
     report = model_size_report(load_quantized(folder).model)  # the eval table's size
     assert report.total_bytes == sum(nbytes.values())
+    q_bytes, o_bytes = model_bytes(original)  # squeeze inspect's "model" size, before quantizing
+    predicted = preview(run_to_end(collect_stats(original)), config, o_bytes, q_bytes + o_bytes, sizes)
+    # dense-only: codes, tables and CSR pointers are predicted exactly; buffers (rotary tables) may differ
+    assert abs(predicted.total_bytes - report.total_bytes) <= 1e-3 * report.total_bytes
     file_bytes = (folder / "model.safetensors").stat().st_size
     assert 0 < file_bytes - report.total_bytes < 64 * 1024  # only the safetensors header besides
     assert main(["info", str(folder)]) == 0

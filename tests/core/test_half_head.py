@@ -77,7 +77,8 @@ def test_non_fp32_models_and_out_of_range_weights_are_left_alone():
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_quantized_folder_stores_fp16_embeddings_and_loads_them_back_exactly(tmp_path, demo_tokenizer, arch):
     model = build_tiny_model(arch)
-    config = QuantConfig(bits=3, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0)
+    config = QuantConfig(bits=3, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0, embed_bits=16,
+                         head_bits=16)  # float16 embedding and head (the default is 6-bit codes)
     run_to_end(quantize_model(model, config, {n: torch.rand(m.weight.shape) for n, m in model.named_modules()
                                               if isinstance(m, torch.nn.Linear) and "layers" in n}))
     out = run_to_end(save_quantized(model, demo_tokenizer, tmp_path / "q", {}))

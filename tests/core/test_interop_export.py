@@ -19,8 +19,10 @@ from core.progress import run_to_end
 from core.quantize import quantize_model
 from tests.conftest import build_tiny_model
 
-DENSE_ONLY_4BIT = QuantConfig(bits=4, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0)
-SPARSE_3BIT = QuantConfig(bits=3, sensitivity_percent=1.0)
+# what vLLM's SqueezeLLM loader reads: 4-bit dense-only, the embedding and head in float16
+DENSE_ONLY_4BIT = QuantConfig(bits=4, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0, embed_bits=16,
+                              head_bits=16)
+SPARSE_3BIT = QuantConfig(bits=3, sensitivity_percent=1.0)  # the default 6-bit embedding and head
 
 
 def quantized_folder(path, tokenizer, config, arch="llama"):
@@ -110,11 +112,15 @@ def test_squeezellm_pt_default_dtype_is_float16(tmp_path, dense_only):
 
 
 def test_squeezellm_pt_refuses_what_vllm_cannot_load(tmp_path, sparse_3bit, dense_only):
-    with pytest.raises(UserError, match="3-bit"):
+    with pytest.raises(UserError, match="lookup-table codes.*--embed-bits 16 --head-bits 16") as info:
         run_to_end(export_model(sparse_3bit, "squeezellm-pt", tmp_path / "vllm"))
+    assert "--bits 4 --outlier-percent 0 --sensitivity 0" in str(info.value)  # every setting vLLM needs
     assert list(tmp_path.iterdir()) == []
     model = load_quantized(dense_only).model
     layer = model.model.layers[0].mlp.down_proj
+    layer.bits = 3
+    assert "3-bit" in vllm_export_problem(model)
+    layer.bits = 4
     layer.sparse_vals = torch.ones(1)
     assert "sparse" in vllm_export_problem(model)
     odd = SqueezeLinear(40, 64, 4)
