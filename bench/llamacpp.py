@@ -44,14 +44,18 @@ RESULTS = ROOT / "bench" / "results" / "llamacpp.json"
 PLOT = ROOT / "docs" / "quality_per_byte.png"
 K_QUANTS = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS")
 DENSE_ONLY = {"outliers": {"percent": None}, "sensitivity_percent": 0.0}
+HALF = {"embed_bits": 16, "head_bits": 16}  # the embedding/head in float16
+SIX = {"embed_bits": 6, "head_bits": 6}  # ... as 6-bit LUT codes (core.embed_head)
 OURS = {  # label -> QuantConfig fields
-    "SqueezeLLM 3-bit dense-only": {"bits": 3, **DENSE_ONLY},
-    "SqueezeLLM 3-bit dense-and-sparse": {"bits": 3},
-    "SqueezeLLM 4-bit dense-only": {"bits": 4, **DENSE_ONLY},
-    "SqueezeLLM 4-bit dense-and-sparse": {"bits": 4},
-    # the tied embedding/head as 6-bit LUT codes (core.embed_head) instead of float16
-    "SqueezeLLM 3-bit dense-and-sparse, embedding 6-bit": {"bits": 3, "embed_bits": 6, "head_bits": 6},
-    "SqueezeLLM 4-bit dense-and-sparse, embedding 6-bit": {"bits": 4, "embed_bits": 6, "head_bits": 6},
+    "SqueezeLLM 4-bit dense-and-sparse": {"bits": 4, **HALF},
+    "SqueezeLLM 3-bit dense-and-sparse, embedding 6-bit": {"bits": 3, **SIX},
+    "SqueezeLLM 4-bit dense-and-sparse, embedding 6-bit": {"bits": 4, **SIX},
+    # with gradient-weighted refinement of codes and tables (core.refine, --refine lnq)
+    "SqueezeLLM 3-bit dense-and-sparse, refined, embedding 6-bit": {"bits": 3, "refine": True, **SIX},
+    "SqueezeLLM 4-bit dense-only, refined, embedding 4-bit": {
+        "bits": 4, **DENSE_ONLY, "refine": True, "embed_bits": 4, "head_bits": 4},
+    "SqueezeLLM 4-bit dense-only, refined, embedding 6-bit": {"bits": 4, **DENSE_ONLY, "refine": True, **SIX},
+    "SqueezeLLM 4-bit dense-and-sparse, refined, embedding 6-bit": {"bits": 4, "refine": True, **SIX},
 }
 SEQLEN = 512
 WINDOWS = 40
