@@ -116,13 +116,14 @@ def available_memory() -> int:
 def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, quantizable: int,
                 hidden: int, intermediate: int, heads: int, n_blocks: int, windows: int, seqlen: int,
                 compute_bytes: int, activation_budget: int | None, threads: int | None = None,
-                fisher: bool = True, hessian_entries: int = 0, vocab: int = 0,
+                fisher: bool = True, hessian_entries: int = 0, stored_bytes: int = 4, vocab: int = 0,
                 head_fisher_entries: int = 0, largest_table: int = 0) -> MemoryPlan:
     """The estimate for a model of these sizes (counts of weights; bytes per element of the compute dtype).
 
     activation_budget: bytes of block inputs kept in RAM (None: all of them). hessian_entries: with
     refinement, groups x Σ in_features² over one block's projections (0: refinement off).
-    vocab: logits per token at the top. head_fisher_entries: weights of the head
+    stored_bytes: bytes per weight as the model's files store them (2: bf16/fp16, whose outlier statistics
+    are exact value counts). vocab: logits per token at the top. head_fisher_entries: weights of the head
     whose Fisher is summed (0: the head is not quantized). largest_table: weights of the largest embedding
     or head table quantized at the end (0: both stay float16).
     """
@@ -140,7 +141,10 @@ def plan_memory(*, parameters: int, block_parameters: int, largest_matrix: int, 
 
     per_weight = REFINE_BYTES_PER_WEIGHT if hessian_entries else 34  # refinement follows k-means in each worker
     quantize = largest_matrix * per_weight * parallel  # fp32 copies, masks, codes, k-means (refinement) scratch
-    stats = min(largest_matrix, SKETCH_SIZE) * 4 * (quantizable // max(1, largest_matrix) + n_blocks * 7)
+    # outlier statistics of every matrix until the multiplier is solved (core.outliers.OutlierStats): a
+    # 16-bit matrix's distinct values and counts (at most 65,536 x 12 bytes), else a float32 sample
+    per_matrix = min(largest_matrix, 1 << 16) * 12 if stored_bytes == 2 else min(largest_matrix, SKETCH_SIZE) * 4
+    stats = per_matrix * (quantizable // max(1, largest_matrix) + n_blocks * 7)
     activations = (n_blocks + 1) * windows * seqlen * hidden * compute_bytes if fisher else 0
     in_ram = activations if activation_budget is None else min(activations, activation_budget)
     # core.block_pass.top_gradients, peak RSS measured (tests/core/test_memory_plan.py): a window's logits
@@ -191,8 +195,11 @@ def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtyp
 
     from core.models import decoder_blocks
 
+    stored_bytes = 4
     if hasattr(model, "skeleton"):
         compute_dtype = compute_dtype or model.compute_dtype
+        stored = set(model.stored_dtypes().values())
+        stored_bytes = 2 if stored and stored <= {torch.bfloat16, torch.float16} else 4
         model = model.skeleton
     config = model.config
     text = getattr(config, "text_config", None) or config
@@ -209,7 +216,7 @@ def plan_for(model, windows: int, seqlen: int, fisher: bool = True, compute_dtyp
                        largest_matrix=max(matrices), quantizable=sum(matrices) * len(blocks), hidden=hidden,
                        intermediate=intermediate, heads=heads, n_blocks=len(blocks), windows=windows,
                        seqlen=seqlen, compute_bytes=element, activation_budget=None, fisher=fisher,
-                       hessian_entries=hessian_entries,
+                       hessian_entries=hessian_entries, stored_bytes=stored_bytes,
                        **_embed_head_sizes(model, embed_bits, head_bits))
 
 

@@ -28,6 +28,7 @@ from core.config import MIXED_BITS, QuantConfig
 from core.distributed import Ranks
 from core.folder_writer import write_folder
 from core.lazy_model import LazyModel
+from core.freed_memory import return_freed_memory
 from core.outliers import OutlierStats, iqr_threshold, solve_range_multiplier
 from core.progress import ProgressEvent
 from core.quantize import LayerReport, QuantReport, per_matrix, quantize_matrix_widths, squeeze_module
@@ -442,6 +443,7 @@ class StreamQuantizer:
                     candidates.setdefault(name, {})[str(bits)] = record
         record = {"layers": layers, "modules": modules, "candidates": candidates}
         self.staging.finish_block(index, tensors, record, grads=grads, kind="cand" if candidates else "block")
+        return_freed_memory()  # the block's temporaries, freed inside malloc's heaps, go back to the system
 
     # ------------------------------------------------------------------ mixed precision
 
