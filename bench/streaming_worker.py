@@ -23,6 +23,9 @@ CALIBRATION_STAGES = ("forward", "fisher", "backward")
 # keys that are sums of other keys or wall totals, not stages of their own
 NOT_STAGES = ("total",)
 
+# the embedding and head in float16, as the whole-model path and every earlier row (the default is 6-bit codes)
+HALF = {"embed_bits": 16, "head_bits": 16}
+
 
 def calibration_seconds(seconds: dict[str, float]) -> float:
     """Seconds of the calibration pass in a report.seconds dict (adjust CALIBRATION_STAGES as the engine's keys change)."""
@@ -86,7 +89,7 @@ def run_stream(model: str, out: Path, samples: int, seqlen: int, bits: int) -> d
     from core.progress import run_to_end
 
     t0 = time.perf_counter()
-    job = QuantizeJob(model=model, output=out, config=QuantConfig(bits=bits),
+    job = QuantizeJob(model=model, output=out, config=QuantConfig(bits=bits, **HALF),
                       calibration=CalibrationConfig(samples=samples, seqlen=seqlen), device="cpu", overwrite=True)
     report = run_to_end(run_quantize_job(job), _progress)
     return {**{k: float(v) for k, v in report.seconds.items()}, "total": time.perf_counter() - t0}
@@ -112,7 +115,7 @@ def run_whole(model: str, out: Path, samples: int, seqlen: int, bits: int) -> di
     fisher = run_to_end(compute_fisher(loaded.model, windows, linears), _progress)
     seconds["fisher"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    config = QuantConfig(bits=bits)
+    config = QuantConfig(bits=bits, **HALF)
     report = run_to_end(quantize_model(loaded.model, config, fisher), _progress)
     seconds.update({k: float(v) for k, v in report.seconds.items()})  # outliers, split, kmeans, packing
     seconds["quantize"] = time.perf_counter() - t0
