@@ -106,7 +106,8 @@ def test_streamed_folder_matches_the_whole_model_path(stored, request, tmp_path)
     from core.quantize import quantize_model
 
     tiny_folder = request.getfixturevalue(stored)
-    config = QuantConfig(bits=3, outliers=OutlierConfig(percent=0.45), sensitivity_percent=0.05)
+    config = QuantConfig(bits=3, outliers=OutlierConfig(percent=0.45), sensitivity_percent=0.05,
+                         embed_bits=16, head_bits=16)  # the whole-model path keeps them float16
     report = _quantize(tiny_folder, tmp_path / "q", config)
     loaded = load_model(str(tiny_folder))
     windows = calibration_windows(corpus_tokens(loaded.tokenizer, "builtin"), CAL.samples, CAL.seqlen, CAL.seed)
