@@ -347,5 +347,8 @@ def test_the_memory_plan_counts_one_hessian_per_group():
     linears = [m for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
     one, four = plan_for(model, 8, 64, refine=True), plan_for(model, 8, 64, refine=True, refine_groups=4)
     assert four.hessians == 4 * one.hessians == 4 * 4 * sum(m.in_features ** 2 for m in linears)
-    assert four.cpu_peak - one.cpu_peak == 3 * one.hessians
+    # the block phase grows by the added H (the peak is the largest phase: here the logits at the top may lead)
+    block_phase = (lambda p: p.block + p.window + p.quantize + p.outlier_stats + p.hessians)
+    assert block_phase(four) - block_phase(one) == 3 * one.hessians
+    assert four.cpu_peak >= one.cpu_peak
     assert plan_for(model, 8, 64, refine_groups=4).hessians == 0  # groups without refinement: nothing
