@@ -319,7 +319,7 @@ def test_demo_model_streams_to_the_whole_model_paths_perplexity(tmp_path):
     from core.quantize import quantize_model
 
     calibration = CalibrationConfig(samples=2, seqlen=128)
-    config = QuantConfig(bits=3)
+    config = QuantConfig(bits=3, embed_bits=16, head_bits=16)  # the whole-model path keeps them float16
     job = QuantizeJob(model="demo", output=tmp_path / "demo-3bit", config=config, calibration=calibration,
                       device="cpu")
     report = run_to_end(run_quantize_job(job))
