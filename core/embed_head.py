@@ -202,12 +202,20 @@ def token_fisher(windows: torch.Tensor | None, shape: tuple[int, int]) -> torch.
     return counts[: shape[0]].to(torch.float32)[:, None].expand(shape).contiguous()
 
 
-def stored_bits(embed_bits: int, head_bits: int, tied: bool) -> tuple[int, int]:
-    """(embedding bits, head bits) as stored: a tied pair is stored once, at the larger of the two widths."""
+def stored_bits(embed_bits: int, head_bits: int, tied: bool, row_width: int) -> tuple[int, int]:
+    """(embedding bits, head bits) as stored: a tied pair is stored once, at the larger of the two widths;
+    a width whose packed codes and per-row lookup table would not be smaller than the row in float16
+    (narrow rows: 64 values at 6 bits take 48 + 128 bytes against 128) is stored as float16 (16).
+    row_width: the embedding dimension (values per row)."""
     if tied:
-        width = max(embed_bits, head_bits)
-        return width, width
-    return embed_bits, head_bits
+        embed_bits = head_bits = max(embed_bits, head_bits)
+    return _worth_codes(embed_bits, row_width), _worth_codes(head_bits, row_width)
+
+
+def _worth_codes(bits: int, row_width: int) -> int:
+    from core.preview import packed_layer_bytes
+
+    return bits if bits < 16 and packed_layer_bytes(1, row_width, bits, 0) < 2 * row_width else 16
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -246,8 +254,8 @@ def quantized_modules(model: nn.Module, config, head_fisher: torch.Tensor | None
     found = find_embed_head(model)
     if found is None:
         return {}
-    embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, found.tied)
     embedding = model.get_submodule(found.embedding)
+    embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, found.tied, embedding.weight.shape[1])
     head = model.get_submodule(found.head) if found.head is not None else None
     result: dict[str, nn.Module] = {}
     new_embedding = None

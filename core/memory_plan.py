@@ -230,7 +230,7 @@ def _embed_head_sizes(model, embed_bits: int, head_bits: int) -> dict[str, int]:
     if found is None:
         return {}
     rows, cols = model.get_parameter(found.embedding_weight).shape
-    embed, head = stored_bits(embed_bits, head_bits, found.tied)
+    embed, head = stored_bits(embed_bits, head_bits, found.tied, int(cols))
     has_head = found.head is not None
     return {"vocab": int(rows), "head_fisher_entries": rows * cols if has_head and head < 16 else 0,
             "largest_table": rows * cols if embed < 16 or (has_head and head < 16) else 0}

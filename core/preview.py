@@ -137,7 +137,7 @@ class EmbedHeadSizes:
         target and sensitivity), or float16 at 16 bits."""
         from core.embed_head import stored_bits
 
-        embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, self.tied)
+        embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, self.tied, self.cols)
         widths = [embed_bits] + ([head_bits] if self.has_head and not self.tied else [])
         sparse = 0.0
         if config.method == "squeezellm":

@@ -297,7 +297,8 @@ class StreamQuantizer:
         found = find_embed_head(self.lazy.skeleton)
         if found is None or found.head is None:
             return False
-        return stored_bits(self.config.embed_bits, self.config.head_bits, found.tied)[1] < 16
+        row_width = self.lazy.skeleton.get_parameter(found.embedding_weight).shape[1]
+        return stored_bits(self.config.embed_bits, self.config.head_bits, found.tied, row_width)[1] < 16
 
     def _head_fisher_file(self) -> Path:
         return self.staging.path / "head-fisher.safetensors"
@@ -306,10 +307,14 @@ class StreamQuantizer:
         """k-means of the embedding and head (core.embed_head) into the staging folder, once per run."""
         from safetensors.torch import load_file
 
-        from core.embed_head import quantized_modules, record, state_tensors
+        from core.embed_head import find_embed_head, quantized_modules, record, state_tensors, stored_bits
 
         t0 = time.perf_counter()
-        widths = f"embedding {self.config.embed_bits}, head {self.config.head_bits} bits"
+        found = find_embed_head(self.lazy.skeleton)
+        row_width = self.lazy.skeleton.get_parameter(found.embedding_weight).shape[1] if found else 0
+        embed_bits, head_bits = stored_bits(self.config.embed_bits, self.config.head_bits, bool(found and found.tied),
+                                            row_width)
+        widths = f"embedding {embed_bits}, head {head_bits} bits"
         yield ProgressEvent("quantize", self.n_blocks, self.n_blocks, f"embedding and head: k-means ({widths})")
         self.lazy.load_outside_blocks("cpu")  # loads only what is still on meta
         fisher_file = self._head_fisher_file()

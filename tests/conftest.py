@@ -14,8 +14,8 @@ import torch  # noqa: E402
 TINY_ARCHS = ("llama", "mistral", "qwen2", "opt")
 
 
-def tiny_config(arch: str, vocab_size: int = 49152):
-    """A 2-block config of the given family with hidden size 64 (seconds to build and run)."""
+def tiny_config(arch: str, vocab_size: int = 49152, hidden_size: int = 64):
+    """A 2-block config of the given family, hidden size 64 unless told (seconds to build and run)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=512)
@@ -23,7 +23,7 @@ def tiny_config(arch: str, vocab_size: int = 49152):
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4,
                             word_embed_proj_dim=64, **common)
     cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
-    return cls(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+    return cls(hidden_size=hidden_size, intermediate_size=160, num_attention_heads=4,
                num_key_value_heads=2, tie_word_embeddings=True, **common)
 
 

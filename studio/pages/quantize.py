@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.config import CalibrationConfig, QuantConfig
+from core.embed_head import stored_bits
 from core.models import block_index
 from core.pipeline import QuantizeJob
 from studio.estimates import estimate_seconds
@@ -288,13 +289,18 @@ class QuantizePage(Page):
         if pair is None:
             return "token embedding and head kept as they are"
 
-        def width(bits: int) -> str:
-            return "float16" if bits >= 16 else f"{bits}-bit lookup-table codes"
+        embed_bits, head_bits = stored_bits(config.embed_bits, config.head_bits, pair.tied, pair.cols)
+
+        def width(bits: int, asked: int) -> str:
+            if bits < 16:
+                return f"{bits}-bit lookup-table codes"
+            return "float16" if asked >= 16 else f"float16 ({asked}-bit codes would not be smaller on rows this narrow)"
 
         if pair.tied:
-            return f"token embedding and head (tied: stored once) as {width(max(config.embed_bits, config.head_bits))}"
-        head = f", head as {width(config.head_bits)}" if pair.has_head else ""
-        return f"token embedding as {width(config.embed_bits)}{head}"
+            return (f"token embedding and head (tied: stored once) as "
+                    f"{width(embed_bits, max(config.embed_bits, config.head_bits))}")
+        head = f", head as {width(head_bits, config.head_bits)}" if pair.has_head else ""
+        return f"token embedding as {width(embed_bits, config.embed_bits)}{head}"
 
     def _memory_line(self, config: QuantConfig, calibration: CalibrationConfig) -> str:
         """What the streaming run will hold at its peak, against what is free now."""

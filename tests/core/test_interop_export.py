@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ from tests.conftest import build_tiny_model
 # what vLLM's SqueezeLLM loader reads: 4-bit dense-only, the embedding and head in float16
 DENSE_ONLY_4BIT = QuantConfig(bits=4, outliers=OutlierConfig(percent=None), sensitivity_percent=0.0, embed_bits=16,
                               head_bits=16)
-SPARSE_3BIT = QuantConfig(bits=3, sensitivity_percent=1.0)  # the default 6-bit embedding and head
+SPARSE_3BIT = QuantConfig(bits=3, sensitivity_percent=1.0)  # 64-wide rows: the embedding and head stay float16
 
 
 def quantized_folder(path, tokenizer, config, arch="llama"):
@@ -112,15 +113,17 @@ def test_squeezellm_pt_default_dtype_is_float16(tmp_path, dense_only):
 
 
 def test_squeezellm_pt_refuses_what_vllm_cannot_load(tmp_path, sparse_3bit, dense_only):
-    with pytest.raises(UserError, match="lookup-table codes.*--embed-bits 16 --head-bits 16") as info:
+    with pytest.raises(UserError, match="3-bit") as info:
         run_to_end(export_model(sparse_3bit, "squeezellm-pt", tmp_path / "vllm"))
-    assert "--bits 4 --outlier-percent 0 --sensitivity 0" in str(info.value)  # every setting vLLM needs
+    # every setting vLLM needs
+    assert "--bits 4 --outlier-percent 0 --sensitivity 0 --embed-bits 16 --head-bits 16" in str(info.value)
     assert list(tmp_path.iterdir()) == []
     model = load_quantized(dense_only).model
+    assert vllm_export_problem(model) is None
+    coded = build_tiny_model()
+    run_to_end(quantize_model(coded, dataclasses.replace(DENSE_ONLY_4BIT, embed_bits=4, head_bits=4), None))
+    assert "lookup-table codes" in vllm_export_problem(coded)
     layer = model.model.layers[0].mlp.down_proj
-    layer.bits = 3
-    assert "3-bit" in vllm_export_problem(model)
-    layer.bits = 4
     layer.sparse_vals = torch.ones(1)
     assert "sparse" in vllm_export_problem(model)
     odd = SqueezeLinear(40, 64, 4)

@@ -30,7 +30,7 @@ def test_from_pretrained_builds_squeeze_layers_with_identical_logits(quantized):
 
     model = AutoModelForCausalLM.from_pretrained(quantized)
     layers = [m for m in model.modules() if isinstance(m, SqueezeLinear)]
-    assert len(layers) == 14 + 1 and all(m.nnz > 0 for m in layers)  # + the tied embedding/head, 6-bit codes
+    assert len(layers) == 14 and all(m.nnz > 0 for m in layers)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.shared_input is not None and attn.q_proj.shared_input is attn.v_proj.shared_input
     assert model.is_quantized and model.config.quantization_config.quant_method == "squeezellm"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
 
-def _model(vocab: int = 49152, hidden: int = 64, tied: bool = True):
+def _model(vocab: int = 49152, hidden: int = 128, tied: bool = True):  # 6-bit tables pay from 128 wide
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def _model(vocab: int = 49152, hidden: int = 64, tied: bool = True):
 
 
 def test_a_quantized_heads_gradient_fisher_and_kmeans_are_counted_only_when_it_is_quantized():
-    vocab, hidden, seqlen = 49152, 64, 128
+    vocab, hidden, seqlen = 49152, 128, 128
     n = vocab * hidden
     model = _model(vocab, hidden)
     kept = plan_for(model, 4, seqlen, embed_bits=16, head_bits=16)

@@ -50,7 +50,7 @@ def test_a_mixed_run_shows_its_allocation_stage(qtbot, window, tiny_model_dir, c
     page.mixed_form.editors["target_bits"].setValue(3.5)
     small_calibration(window, corpus_file)
     page.output_picker.set_value(str(tmp_path / "mixed"))
-    assert run_and_wait(qtbot, window, page.run_button.click, timeout=300000) == "done"  # 6-bit table k-means
+    assert run_and_wait(qtbot, window, page.run_button.click) == "done"
     assert page.panel.stage_bars["allocate"].isVisibleTo(page)
     assert page.panel.stage_bars["allocate"].value() == 1000
     assert "matrices at 4 bits" in page.result_label.text()
