@@ -39,7 +39,8 @@ def _peaked_tiny_folder(path, tokenizer, settings, embed_bits=16):
     would go unnoticed)."""
     from transformers import AutoModelForCausalLM
 
-    model_config = tiny_config("llama")
+    # 128-wide rows where the table gets codes: at 64 a 6-bit table would stay float16 (core.embed_head.stored_bits)
+    model_config = tiny_config("llama", hidden_size=64 if embed_bits == 16 else 128)
     model_config.initializer_range = 0.25
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()

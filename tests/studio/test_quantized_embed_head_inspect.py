@@ -10,14 +10,15 @@ from tests.studio.helpers import open_model, wait_idle
 
 @pytest.fixture(scope="module")
 def embed_head_dir(tmp_path_factory, tiny_model_dir, corpus_file):
-    """The tiny model (tied embedding and head) quantized to 4 bits with a 6-bit embedding / head."""
+    """The tiny model (tied embedding and head) quantized to 4 bits with a 4-bit embedding / head (on its
+    64-wide rows 6-bit codes and their lookup table would not be smaller than float16, and stay float16)."""
     from core.config import CalibrationConfig, QuantConfig
     from core.pipeline import QuantizeJob, run_quantize_job
     from core.progress import run_to_end
 
-    output = tmp_path_factory.mktemp("embed-head") / "tiny-sq4-e6"
+    output = tmp_path_factory.mktemp("embed-head") / "tiny-sq4-e4"
     job = QuantizeJob(model=str(tiny_model_dir), output=output, device="cpu",
-                      config=QuantConfig(bits=4, embed_bits=6, head_bits=6),
+                      config=QuantConfig(bits=4, embed_bits=4, head_bits=4),
                       calibration=CalibrationConfig(source=str(corpus_file), samples=2, seqlen=64))
     run_to_end(run_quantize_job(job))
     return output
