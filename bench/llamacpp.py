@@ -56,6 +56,11 @@ OURS = {  # label -> QuantConfig fields
         "bits": 4, **DENSE_ONLY, "refine": True, "embed_bits": 4, "head_bits": 4},
     "SqueezeLLM 4-bit dense-only, refined, embedding 6-bit": {"bits": 4, **DENSE_ONLY, "refine": True, **SIX},
     "SqueezeLLM 4-bit dense-and-sparse, refined, embedding 6-bit": {"bits": 4, "refine": True, **SIX},
+    # the sparse part sized to Q3_K_M's file: outliers 0.2% (default 0.45%), sensitive weights 0.05%
+    "SqueezeLLM 4-bit, outliers 0.2%, refined, embedding 6-bit": {
+        "bits": 4, "outliers": {"percent": 0.2}, "refine": True, **SIX},
+    "SqueezeLLM 4-bit, outliers 0.1%, refined, embedding 6-bit": {
+        "bits": 4, "outliers": {"percent": 0.1}, "refine": True, **SIX},
 }
 SEQLEN = 512
 WINDOWS = 40
