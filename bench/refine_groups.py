@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from bench.report import current_commit, machine_line, update_section
@@ -53,7 +54,9 @@ def run(bits: int, groups: list[int], calibration: CalibrationConfig) -> list[di
     for g in [*groups, None]:  # k-means alone last: its Fisher is cached by then
         name = f"squeezellm {bits}-bit dense-only" + ("" if g is None else f", refined (lnq), {g} group"
                                                       + ("s" if g > 1 else ""))
+        load_before = os.getloadavg()[0]
         row = run_stream_row(name, config_for(bits, g), windows, calibration)
+        row["load"] = [load_before, os.getloadavg()[0]]
         row["groups"] = g
         if g is not None:
             row["hessian_bytes_per_block"] = hessian_bytes_per_block(g)
@@ -70,8 +73,8 @@ def table(rows: list[dict], fp32: float | None) -> str:
     quantize step's wall seconds, and refinement's H per block."""
     plain = next((r["perplexity"] for r in rows if r.get("groups") is None), None)
     lines = ["| setting | perplexity | k-means's gap to fp32 removed | objective after / before | forward s "
-             "| backward s | refine s (thread sum) | quantize s (wall) | H per block |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| backward s | refine s (thread sum) | quantize s (wall) | H per block | load before / after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         s = r["seconds"]
         gap = f"{(plain - r['perplexity']) / (plain - fp32):.0%}" if fp32 and plain and r.get("groups") else "-"
@@ -81,8 +84,9 @@ def table(rows: list[dict], fp32: float | None) -> str:
         h = f"{r['hessian_bytes_per_block'] / 2**20:.0f} MiB" if r.get("hessian_bytes_per_block") else "-"
         passes = " | ".join(f"{s[k]:.0f}" if k in s else "cached" for k in ("forward", "backward"))
         refine = f"{s['refine']:.0f}" if "refine" in s else "-"
+        load = " / ".join(f"{v:.1f}" for v in r["load"]) if r.get("load") else "not recorded"
         lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {gap} | {ratio} | {passes} | {refine} "
-                     f"| {s.get('quantize', 0):.0f} | {h} |")
+                     f"| {s.get('quantize', 0):.0f} | {h} | {load} |")
     return "\n".join(lines)
 
 
@@ -100,7 +104,7 @@ def write_section(data: dict) -> None:
             "('cached'); 'backward' holds the Fisher and, when refining, the gradient-weighted H (G groups: one H "
             "per group of contiguous output rows, cached apart from one group's). The "
             "objective is Σ eᵀHe summed over the matrices after refinement over k-means's, under the row's own "
-            "H.\n\n" + table(rows, fp32))
+            "H.\n\n" + table(rows, fp32) + (f"\n\n{data['note']}" if data.get("note") else ""))
     update_section("refine-groups", text)
     print(table(rows, fp32))
 
