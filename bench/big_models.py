@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -145,14 +146,18 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seeds: d
     return offset
 
 
-def random_folder(shape_name: str, workdir: Path | None = None, *, log=print) -> Path:
-    """The random bf16 LLaMA folder with shape ``shape_name`` (a key of SHAPES), built once in ``workdir``."""
+def random_folder(shape_name: str, workdir: Path | None = None, *, log=print, tokenizer=None, jobs: int = 1) -> Path:
+    """The random bf16 LLaMA folder with shape ``shape_name`` (a key of SHAPES), built once in ``workdir``.
+
+    tokenizer: the one whose vocabulary and files the folder gets (default the demo model's);
+    jobs: shards written at once (threads; a machine with cores to spare builds the 8 B folder faster).
+    """
     folder_name, _ = SHAPES[shape_name]
     workdir = Path(workdir) if workdir is not None else default_workdir()
     folder = workdir / folder_name
     if (folder / "model.safetensors.index.json").is_file():
         return folder
-    tokenizer = demo_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else demo_tokenizer()
     config = llama_config(shape_name, tokenizer)
     shapes = tensor_shapes(config)
     seeds = {name: 1000 * list(SHAPES).index(shape_name) + i for i, (name, _) in enumerate(shapes)}
@@ -163,11 +168,13 @@ def random_folder(shape_name: str, workdir: Path | None = None, *, log=print) ->
     t0 = time.perf_counter()
     log(f"building {folder} ({parameter_count(config) / 1e9:.2f} B parameters, {len(shards)} shards)")
     weight_map, total = {}, 0
-    for k, tensors in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        total += write_shard(tmp / file, tensors, seeds)
-        weight_map.update({name: file for name, _ in tensors})
-        log(f"  {file}: {len(tensors)} tensors, {total / 1e9:.2f} GB so far, {time.perf_counter() - t0:.0f} s")
+    files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # the draws and the writes release the GIL
+        sizes = pool.map(lambda job: write_shard(tmp / job[0], job[1], seeds), zip(files, shards))
+        for file, tensors, size in zip(files, shards, sizes):
+            total += size
+            weight_map.update({name: file for name, _ in tensors})
+            log(f"  {file}: {len(tensors)} tensors, {total / 1e9:.2f} GB so far, {time.perf_counter() - t0:.0f} s")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(tmp)

@@ -1,9 +1,13 @@
 """CUDA LUT kernels against fp16 cuBLAS: time per call, effective GB/s, batch crossover, decode tokens/s.
 
 python -m bench.kernels [--bits 3 4] [--batches 1 4 8 64 512] [--new-tokens 64] [--layers 32] [--skip-e2e]
+                        [--json FILE]
+python -m bench.kernels --from-json FILE      (writes the section from a run's saved numbers, no GPU needed)
 
 Needs an NVIDIA GPU and the built CUDA kernels (cuda_ext.ops); without them it prints why and
 exits with status 2, writing nothing: every number it writes was measured in the same run.
+``--json`` keeps the run's raw numbers (a GPU is often a lent machine whose files do not stay), and
+``--from-json`` writes the section from them later.
 
 * Layers: LLaMA-7B (4096x4096, 11008x4096, 4096x11008) and LLaMA-70B (8192x8192, 28672x8192)
   shapes as [out, in], random 3/4-bit codes, fp16 LUT, with and without a 0.5% CSR residual
@@ -14,9 +18,11 @@ exits with status 2, writing nothing: every number it writes was measured in the
   activations in and out) / time, and its share of the peak DRAM bandwidth.
 * Crossover: mat-vec (in chunks of 8 rows) vs dequantize + cuBLAS per row count on the 7B
   shapes, to set cuda_ext.ops.DEQUANTIZE_MIN_ROWS.
-* End to end: greedy decode (batch 1, KV cache) of a LLaMA-7B-shaped model with random fp16
+* End to end: greedy decode (batch 1, KV cache) of a Llama-3.1-8B-shaped model with random fp16
   weights, then of the same model with every decoder Linear replaced by a random SqueezeLinear,
-  run through core with SQUEEZE_KERNELS=cuda; tokens/s from the median step.
+  run through core with SQUEEZE_KERNELS=cuda; tokens/s from the median step (transformers' eager
+  loop: launch-bound on a fast GPU). Beside it, the time of one token's decoder Linears (all 224
+  of them, batch 1) replayed from a CUDA graph: what the weights themselves cost per token.
 
 Writes the "cuda-kernels" section of BENCHMARKS.md.
 """
@@ -28,6 +34,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -175,13 +182,17 @@ def crossover(bits_list) -> list[tuple]:
 # ---------------------------------------------------------------- end to end
 
 
-def llama_7b_shaped(layers: int):
+# Llama-3.1-8B's shapes (its real vocabulary: the fp16 head is 1 GB of reads per token)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                vocab_size=128256, rope_theta=500000.0)
+
+
+def llama_8b_shaped(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    config = LlamaConfig(num_hidden_layers=layers, **LLAMA_8B)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)  # initialise in fp16 directly: no 26 GB fp32 detour
+    torch.set_default_dtype(torch.float16)  # initialise in fp16 directly: no 32 GB fp32 detour
     try:
         with torch.device("cuda"):
             model = LlamaForCausalLM(config)
@@ -207,6 +218,17 @@ def replace_with_random_squeeze(model, bits: int, sparse_fraction: float) -> Non
 
 
 @torch.inference_mode()
+def decoder_linears_us(model) -> float:
+    """Microseconds for one token (batch 1) through every decoder Linear, from a CUDA-graph replay."""
+    from core.layers import SqueezeLinear
+
+    linears = [m for m in model.model.layers.modules() if isinstance(m, (torch.nn.Linear, SqueezeLinear))]
+    inputs = {m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.float16) for m in linears}
+    calls = [lambda m=m: m(inputs[m.in_features]) for m in linears]
+    return replay_time_us(calls, per_replay=len(calls)) * len(calls)
+
+
+@torch.inference_mode()
 def decode_tokens_per_s(model, new_tokens: int) -> float:
     """Greedy decode, batch 1, KV cache, after a 16-token prompt; tokens/s of the median step."""
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
@@ -224,12 +246,13 @@ def decode_tokens_per_s(model, new_tokens: int) -> float:
 
 
 def end_to_end(bits_list, layers: int, new_tokens: int) -> list[tuple]:
-    """(variant, tokens/s, peak GiB allocated)."""
+    """(variant, decode tokens/s, peak GiB allocated, decoder Linears us per token from a graph)."""
     results = []
     torch.cuda.reset_peak_memory_stats()
-    model = llama_7b_shaped(layers)
+    model = llama_8b_shaped(layers)
     results.append(("fp16 (torch.matmul)", decode_tokens_per_s(model, new_tokens),
-                    torch.cuda.max_memory_allocated() / 2**30))
+                    torch.cuda.max_memory_allocated() / 2**30, decoder_linears_us(model)))
+    print(f"decode fp16: {results[-1][1]:.1f} tok/s, linears {results[-1][3]:.0f} us/token", flush=True)
     previous = os.environ.get("SQUEEZE_KERNELS")
     os.environ["SQUEEZE_KERNELS"] = "cuda"
     try:
@@ -238,9 +261,10 @@ def end_to_end(bits_list, layers: int, new_tokens: int) -> list[tuple]:
                 replace_with_random_squeeze(model, bits, fraction)
                 torch.cuda.reset_peak_memory_stats()
                 label = f"{bits}-bit " + ("dense-only" if not fraction else f"dense-and-sparse ({fraction:.1%})")
-                results.append((label, decode_tokens_per_s(model, new_tokens),
-                                torch.cuda.max_memory_allocated() / 2**30))
-                print(f"decode {label}: {results[-1][1]:.1f} tok/s", flush=True)
+                tokens_per_s = decode_tokens_per_s(model, new_tokens)
+                results.append((label, tokens_per_s, torch.cuda.max_memory_allocated() / 2**30,
+                                decoder_linears_us(model)))
+                print(f"decode {label}: {tokens_per_s:.1f} tok/s, linears {results[-1][3]:.0f} us/token", flush=True)
     finally:
         os.environ.pop("SQUEEZE_KERNELS") if previous is None else os.environ.update(SQUEEZE_KERNELS=previous)
     return results
@@ -293,9 +317,7 @@ def target_lines(rows: list[dict], bits_list, peak: float | None) -> list[str]:
     return lines
 
 
-def crossover_markdown(results: list[tuple]) -> list[str]:
-    from cuda_ext import ops
-
+def crossover_markdown(results: list[tuple], threshold: int) -> list[str]:
     lines = ["| bits | shape | " + " | ".join(f"{r} rows" for r in CROSSOVER_ROWS) + " |",
              "|---|---|" + "---:|" * len(CROSSOVER_ROWS)]
     first_gemm_wins = []
@@ -309,32 +331,67 @@ def crossover_markdown(results: list[tuple]) -> list[str]:
               + (f"**{measured} rows** on, dequantize + GEMM wins on every shape measured"
                  if measured and None not in first_gemm_wins else "no row count measured does dequantize + GEMM "
                  "win on every shape")
-              + f"; cuda_ext.ops.DEQUANTIZE_MIN_ROWS is {ops.DEQUANTIZE_MIN_ROWS}."]
+              + f"; cuda_ext.ops.DEQUANTIZE_MIN_ROWS was {threshold} in this run."]
     return lines
 
 
-def markdown(layers, bits_list, cross, e2e, peak, copy_gbs, args) -> str:
-    props = torch.cuda.get_device_properties(0)
-    lines = ["## CUDA kernels: LUT mat-vec and dequantize + GEMM against fp16 cuBLAS", "", machine_line(), "",
-             f"GPU: {props.name}, CUDA {torch.version.cuda}; peak DRAM bandwidth "
+def markdown(run: dict) -> str:
+    """The section, from a run's numbers (``measure``'s dict, or the same read back from --json)."""
+    bits_list, peak, e2e, args = run["bits"], run["peak_gbs"], run["e2e"], run["args"]
+    lines = ["## CUDA kernels: LUT mat-vec and dequantize + GEMM against fp16 cuBLAS", "", run["machine"], "",
+             f"GPU: {run['gpu']}, CUDA {run['cuda']}, torch {run['torch']}; peak DRAM bandwidth "
              f"{f'{peak:.0f} GB/s (from the device properties)' if peak else 'not reported'}, measured copy "
-             f"{copy_gbs:.0f} GB/s. All numbers from one run of `python -m bench.kernels`.", "",
+             f"{run['copy_gbs']:.0f} GB/s. All numbers from one run of `python -m bench.kernels` "
+             f"(commit {run['commit']}).", "",
              "### Per layer", "",
              "Time per call from CUDA-graph replays (no Python launch overhead), cycling through weight copies "
              "that overflow the L2 cache; random codes, fp16 LUT and activations. GB/s: bytes the call must move "
              "(packed codes + LUT, or the fp16 weight, plus activations) / time.", ""]
-    lines += layer_markdown(layers, bits_list, peak) + ["", "Targets (issue 6):", ""]
-    lines += target_lines(layers, bits_list, peak)
-    if cross:
-        lines += ["", "### Batch crossover (7B shapes, dense-only)", ""] + crossover_markdown(cross)
+    lines += layer_markdown(run["layers"], bits_list, peak) + ["", "Targets (issue 19):", ""]
+    lines += target_lines(run["layers"], bits_list, peak)
+    if run["crossover"]:
+        lines += ["", "### Batch crossover (7B shapes, dense-only)", ""]
+        lines += crossover_markdown([tuple(c) for c in run["crossover"]], run["threshold"])
     if e2e:
-        base = e2e[0][1]
-        lines += ["", f"### End-to-end decode, LLaMA-7B-shaped model ({args.layers} layers, random weights)", "",
-                  f"Greedy, batch 1, KV cache, {args.new_tokens} tokens after a 16-token prompt; tokens/s of the "
-                  "median step; quantized layers through core.kernels with SQUEEZE_KERNELS=cuda.", "",
-                  "| model | decode tok/s | x fp16 | peak GiB allocated |", "|---|---:|---:|---:|"]
-        lines += [f"| {label} | {tps:.1f} | {_ratio(tps, base)} | {gib:.1f} |" for label, tps, gib in e2e]
+        base, base_linears = e2e[0][1], e2e[0][3]
+        lines += ["", f"### End-to-end decode, Llama-3.1-8B-shaped model ({args['layers']} layers, random weights)",
+                  "", f"Greedy, batch 1, KV cache, {args['new_tokens']} tokens after a 16-token prompt; tokens/s of "
+                  "the median step in transformers' eager loop; quantized layers through core.kernels with "
+                  "SQUEEZE_KERNELS=cuda, embedding and head fp16. Decoder Linears: one token through all of them "
+                  "(batch 1) replayed from a CUDA graph, so launch overhead is not counted.", "",
+                  "| model | decode tok/s | x fp16 | decoder Linears us/token | x fp16 | peak GiB allocated |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {label} | {tps:.1f} | {_ratio(tps, base)} | {us:.0f} | {_ratio(base_linears, us)} | {gib:.1f} |"
+                  for label, tps, gib, us in e2e]
     return "\n".join(lines)
+
+
+def measure(args) -> dict:
+    """Every number of one run, with what describes the run."""
+    from bench.report import current_commit
+    from cuda_ext import ops
+
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    run = dict(machine=machine_line(), gpu=props.name, cuda=torch.version.cuda, torch=torch.__version__,
+               commit=current_commit(), bits=args.bits, threshold=ops.DEQUANTIZE_MIN_ROWS,
+               args=dict(layers=args.layers, new_tokens=args.new_tokens, batches=args.batches),
+               peak_gbs=peak_bandwidth_gbs(), copy_gbs=copy_bandwidth_gbs())
+    run["layers"] = layer_table(args.bits, args.batches)
+    _save(args.json, run)
+    run["crossover"] = [] if args.skip_crossover else crossover(args.bits)
+    _save(args.json, run)
+    run["e2e"] = [] if args.skip_e2e else end_to_end(args.bits, args.layers, args.new_tokens)
+    _save(args.json, run)
+    return run
+
+
+def _save(path, run: dict) -> None:
+    """The numbers so far (a run cut short by its time limit still leaves what it measured)."""
+    if path is not None:
+        import json
+
+        Path(path).write_text(json.dumps(run, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,21 +399,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4], choices=[2, 3, 4])
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shaped model")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
     parser.add_argument("--skip-e2e", action="store_true", help="layers and crossover only")
     parser.add_argument("--skip-crossover", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also keep the raw numbers in this file")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="write the section from a file an earlier run kept (no GPU needed)")
     args = parser.parse_args(argv)
-    missing = gpu_missing()
-    if missing:
-        print(f"bench.kernels needs an NVIDIA GPU with the CUDA kernels built: {missing}. "
-              "Nothing was measured and BENCHMARKS.md is unchanged.")
-        return 2
-    torch.manual_seed(0)
-    peak, copy_gbs = peak_bandwidth_gbs(), copy_bandwidth_gbs()
-    layers = layer_table(args.bits, args.batches)
-    cross = [] if args.skip_crossover else crossover(args.bits)
-    e2e = [] if args.skip_e2e else end_to_end(args.bits, args.layers, args.new_tokens)
-    text = markdown(layers, args.bits, cross, e2e, peak, copy_gbs, args)
+    if args.from_json is not None:
+        import json
+
+        run = json.loads(args.from_json.read_text())
+        run.setdefault("crossover", [])
+        run.setdefault("e2e", [])
+    else:
+        missing = gpu_missing()
+        if missing:
+            print(f"bench.kernels needs an NVIDIA GPU with the CUDA kernels built: {missing}. "
+                  "Nothing was measured and BENCHMARKS.md is unchanged.")
+            return 2
+        run = measure(args)
+    text = markdown(run)
     update_section("cuda-kernels", text)
     print(text)
     return 0

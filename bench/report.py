@@ -21,10 +21,17 @@ def machine_line() -> str:
 
 
 def current_commit() -> str:
-    """The short hash of the checkout the benchmark runs from ("?" outside git)."""
+    """The short hash of the checkout the benchmark runs from: $SQUEEZE_BENCH_COMMIT when set (a copy of
+    the tree without its .git, as on a lent GPU machine), else git's answer ("?" outside git or without git)."""
     import subprocess
 
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS.parent, capture_output=True, text=True)
+    if os.environ.get("SQUEEZE_BENCH_COMMIT"):
+        return os.environ["SQUEEZE_BENCH_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS.parent, capture_output=True,
+                              text=True)
+    except OSError:
+        return "?"
     return done.stdout.strip() or "?"
 
 

@@ -59,4 +59,7 @@ int launch_csr_scatter_add(const int32_t* sparse_rows, const int32_t* sparse_col
 
 const char* error_string(int code);
 
+// True while `stream` is being captured into a CUDA graph (reading a flag back is not allowed then).
+bool stream_is_capturing(void* stream);
+
 }  // namespace squeeze_cuda

@@ -51,7 +51,12 @@ at::Tensor bad_index_flag(const at::Tensor& like) { return at::zeros({1}, like.o
 
 // Raises when a CSR kernel flagged a corrupt column. Reading the flag waits for the kernels, so it
 // is done once per call and only for layers with a residual (dense-only layers never wait here).
-void check_bad_index(const at::Tensor& flag) { TORCH_CHECK(flag.item<int32_t>() == 0, kBadSparseIndex); }
+// Inside a CUDA-graph capture nothing may be read back: the kernels still skip a corrupt column
+// (no access out of bounds), and the eager call that precedes any capture has raised already.
+void check_bad_index(const at::Tensor& flag, void* stream) {
+  if (stream_is_capturing(stream)) return;
+  TORCH_CHECK(flag.item<int32_t>() == 0, kBadSparseIndex);
+}
 
 void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* what) {
   TORCH_CHECK(t.device() == like.device(), what, " is on ", t.device(), " but the activations are on ",
@@ -152,7 +157,7 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Te
                    "csr_gemv");
     }
   }
-  if (residual.nnz > 0) check_bad_index(bad);
+  if (residual.nnz > 0) check_bad_index(bad, stream);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -181,7 +186,7 @@ at::Tensor lut_dequantize(const at::Tensor& qweight, const at::Tensor& lookup_ta
                                         static_cast<int>(in_features), static_cast<int>(out_features),
                                         weight_t.data_ptr(), out_dtype, bad.data_ptr<int32_t>(), stream),
                  "csr_scatter_add");
-    check_bad_index(bad);
+    check_bad_index(bad, stream);
   }
   return weight_t;
 }

@@ -206,9 +206,12 @@ def test_torch_compile_fullgraph(cuda_ops, rows):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture_and_replay(cuda_ops):
+@pytest.mark.parametrize("rows", [1, 40])  # mat-vec and dequantize + GEMM, both with a CSR residual
+def test_cuda_graph_capture_and_replay(cuda_ops, rows):
+    """A layer with a sparse residual captures (its corrupt-index check reads nothing back while capturing)."""
     w = make_weights(192, 576, 4, "cuda")
-    static_x = torch.randn(1, 576, device="cuda", dtype=torch.float16)
+    assert w["sparse_vals"].numel() > 0
+    static_x = torch.randn(rows, 576, device="cuda", dtype=torch.float16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -217,7 +220,7 @@ def test_cuda_graph_capture_and_replay(cuda_ops):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = run_kernel(static_x, w)
-    static_x.copy_(torch.randn(1, 576, device="cuda", dtype=torch.float16))
+    static_x.copy_(torch.randn(rows, 576, device="cuda", dtype=torch.float16))
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_y, run_kernel(static_x, w))
