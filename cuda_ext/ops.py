@@ -28,7 +28,8 @@ import torch
 
 from cuda_ext import jit
 
-SOURCES = [jit.CSRC / "lut_cuda_ops.cpp", jit.CSRC / "lut_gemv.cu", jit.CSRC / "lut_dequant.cu"]
+SOURCES = [jit.CSRC / "lut_cuda_ops.cpp", jit.CSRC / "lut_gemv.cu", jit.CSRC / "lut_gemv_fused.cu",
+           jit.CSRC / "lut_dequant.cu"]
 HEADERS = [jit.CSRC / "lut_cuda.h", jit.CSRC / "lut_common.cuh", jit.CSRC / "lut_decode.cuh"]
 SUPPORTED_BITS = (2, 3, 4)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -48,6 +48,15 @@ int launch_csr_gemv(const void* x, int x_dtype, int rows, int in_features, const
 
 // weight_t[k, n] = lut[n, code(k, n)]: the dense part, transposed [in_features, out_features],
 // in out_dtype (so that x @ weight_t is a plain GEMM and both reads and writes are coalesced).
+// The one-kernel mat-vec (lut_gemv_fused.cu): dense part, CSR residual (sparse_rows null when
+// there is none), bias (null or any dtype code) and the store into y [rows, out] in x's dtype.
+// Serves rows <= kMaxGemvRows where fused_gemv_supported(); returns cudaErrorInvalidValue elsewhere.
+bool fused_gemv_supported(const void* x, int x_dtype, int in_features);
+int launch_lut_gemv_fused(const void* x, int x_dtype, int rows, int in_features, const int32_t* qweight,
+                          int out_features, int bits, const void* lut, int lut_dtype, const int32_t* sparse_rows,
+                          const int32_t* sparse_cols, const float* sparse_vals, const void* bias, int bias_dtype,
+                          void* y, int32_t* bad_index, void* stream);
+
 int launch_lut_dequantize(const int32_t* qweight, int in_features, int out_features, int bits,
                           const void* lut, int lut_dtype, void* weight_t, int out_dtype, void* stream);
 

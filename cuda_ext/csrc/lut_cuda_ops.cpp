@@ -10,6 +10,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "lut_cuda.h"
@@ -111,6 +113,51 @@ Residual check_residual(const OptionalTensor& rows, const OptionalTensor& cols, 
   return residual;
 }
 
+// The one-kernel path (lut_gemv_fused.cu) unless SQUEEZE_CUDA_GEMV=v1 asks for the first kernels
+// (kept for shapes the fused kernel does not take, and for comparing the two on a GPU).
+bool fused_enabled() {
+  const char* choice = std::getenv("SQUEEZE_CUDA_GEMV");
+  return choice == nullptr || std::strcmp(choice, "v1") != 0;
+}
+
+// x (contiguous, 16-byte aligned rows) [rows, in] -> [rows, out] in x's dtype, one kernel per 8 rows.
+at::Tensor lut_gemv_fused(const at::Tensor& x, const at::Tensor& q, const at::Tensor& lut, int64_t bits,
+                          int64_t in_features, int64_t out_features, const Residual& residual,
+                          const OptionalTensor& bias) {
+  const int x_dtype = dtype_code(x.scalar_type(), "x");
+  const int lut_dtype = dtype_code(lut.scalar_type(), "lookup_table");
+  at::Tensor bias_c;
+  int bias_dtype = kFloat32;
+  if (bias.has_value()) {
+    const bool storable = bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kHalf ||
+                          bias->scalar_type() == at::kBFloat16;
+    bias_c = (storable ? *bias : bias->to(at::kFloat)).contiguous();
+    bias_dtype = dtype_code(bias_c.scalar_type(), "bias");
+  }
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  void* stream = current_stream(x);
+  const at::Tensor bad = residual.nnz > 0 ? bad_index_flag(x) : at::Tensor();
+  const int64_t x_row_bytes = in_features * static_cast<int64_t>(x.element_size());
+  const int64_t y_row_bytes = out_features * static_cast<int64_t>(y.element_size());
+  for (int64_t first = 0; first < rows; first += kMaxGemvRows) {
+    const int chunk = static_cast<int>(std::min<int64_t>(kMaxGemvRows, rows - first));
+    check_launch(
+        launch_lut_gemv_fused(static_cast<const char*>(x.data_ptr()) + first * x_row_bytes, x_dtype, chunk,
+                              static_cast<int>(in_features), q.data_ptr<int32_t>(), static_cast<int>(out_features),
+                              static_cast<int>(bits), lut.data_ptr(), lut_dtype,
+                              residual.nnz > 0 ? residual.rows.data_ptr<int32_t>() : nullptr,
+                              residual.nnz > 0 ? residual.cols.data_ptr<int32_t>() : nullptr,
+                              residual.nnz > 0 ? residual.vals.data_ptr<float>() : nullptr,
+                              bias.has_value() ? bias_c.data_ptr() : nullptr, bias_dtype,
+                              static_cast<char*>(y.data_ptr()) + first * y_row_bytes,
+                              residual.nnz > 0 ? bad.data_ptr<int32_t>() : nullptr, stream),
+        "lut_gemv_fused");
+  }
+  if (residual.nnz > 0) check_bad_index(bad, stream);
+  return y;
+}
+
 // x [rows, in] -> [rows, out] in x's dtype: LUT mat-vec plus residual plus bias, summed in float32.
 at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lookup_table, int64_t bits,
                     int64_t in_features, const OptionalTensor& sparse_rows, const OptionalTensor& sparse_cols,
@@ -127,13 +174,18 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const at::Tensor q = qweight.contiguous();
   const at::Tensor lut = lookup_table.contiguous();
   const int64_t rows = x.size(0);
-  // Partial sums of the split-K blocks are added atomically, so y starts as the bias (or zero).
-  // A fresh buffer always: the kernels add into it, and the bias itself must stay untouched.
-  at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_features, "bias must be [", out_features, "], got ",
                 bias->sizes());
     check_on_device(*bias, x, "bias");
+  }
+  if (fused_enabled() && fused_gemv_supported(xc.data_ptr(), x_dtype, static_cast<int>(in_features))) {
+    return lut_gemv_fused(xc, q, lut, bits, in_features, out_features, residual, bias);
+  }
+  // Partial sums of the split-K blocks are added atomically, so y starts as the bias (or zero).
+  // A fresh buffer always: the kernels add into it, and the bias itself must stay untouched.
+  at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+  if (bias.has_value()) {
     y.copy_(bias->unsqueeze(0).expand({rows, out_features}));
   } else {
     y.zero_();

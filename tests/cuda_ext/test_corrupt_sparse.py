@@ -70,6 +70,8 @@ def test_the_cuda_kernels_raise_the_same_error(monkeypatch, bad_col, rows):
     missing = ops.missing_requirement()
     if missing:
         pytest.skip(f"the CUDA kernels cannot be built here: {missing}")
+    # build and load them: this test may run before any other has (the ops exist without their kernels)
+    assert cuda_ext.is_available("cuda"), cuda_ext.unavailable_reason("cuda")
     layer = corrupt_layer(bad_col, device="cuda")
     with pytest.raises(RuntimeError) as info:
         ops.lut_matmul(torch.randn(rows, 64, device="cuda"), **layer, bias=None)

@@ -100,6 +100,11 @@ int launch_csr_scatter_add(const int32_t*, const int32_t*, const float*, int64_t
 }
 const char* error_string(int) { return "stub"; }
 bool stream_is_capturing(void*) { return false; }
+bool fused_gemv_supported(const void*, int, int) { return false; }
+int launch_lut_gemv_fused(const void*, int, int, int, const int32_t*, int, int, const void*, int, const int32_t*,
+                          const int32_t*, const float*, const void*, int, void*, int32_t*, void*) {
+  return 0;
+}
 }  // namespace squeeze_cuda
 """
 
