@@ -91,7 +91,7 @@ def markdown(run: dict) -> str:
         f"| peak RssAnon of the process | {r['peak_rss_anon_mib'] / 1024:.2f} GiB |",
         f"| bits per weight of the result | {r['bits_per_weight']:.3f} |", "",
         f"Seconds per stage (the engine's report): {seconds}.",
-    ])
+    ] + (["", run["note"]] if run.get("note") else []))
 
 
 def main(argv: list[str] | None = None) -> int:

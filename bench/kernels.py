@@ -18,6 +18,8 @@ exits with status 2, writing nothing: every number it writes was measured in the
   activations in and out) / time, and its share of the peak DRAM bandwidth.
 * Crossover: mat-vec (in chunks of 8 rows) vs dequantize + cuBLAS per row count on the 7B
   shapes, to set cuda_ext.ops.DEQUANTIZE_MIN_ROWS.
+* The two mat-vecs (split-K and one-kernel) on the same weights at 1, 4 and 8 rows, with and
+  without a residual: what the op's routing (one kernel for a single row) rests on.
 * End to end: greedy decode (batch 1, KV cache) of a Llama-3.1-8B-shaped model with random fp16
   weights, then of the same model with every decoder Linear replaced by a random SqueezeLinear,
   run through core with SQUEEZE_KERNELS=cuda; tokens/s from the median step (transformers' eager
@@ -176,6 +178,41 @@ def crossover(bits_list) -> list[tuple]:
                                        for w in weights], per_replay=2 * len(weights))
                 results.append((bits, label, rows, gemv, gemm))
             del copies, weights
+    return results
+
+
+AB_SHAPES = {"7B q/k/v/o": (4096, 4096), "7B gate/up": (11008, 4096), "7B down": (4096, 11008)}
+AB_BATCHES = (1, 4, 8)
+
+
+def gemv_ab(bits_list) -> list[tuple]:
+    """(shape, bits, sparse fraction, rows, split-K us, one-kernel us): the two mat-vecs on the same weights.
+
+    The op picks the one-kernel mat-vec for single rows unless SQUEEZE_CUDA_GEMV=v1; here both
+    serve every row count (SQUEEZE_CUDA_GEMV=fused-all), so the routing can be checked against them.
+    """
+    results = []
+    previous = os.environ.get("SQUEEZE_CUDA_GEMV")
+    try:
+        for label, (out_f, in_f) in AB_SHAPES.items():
+            for bits in bits_list:
+                for fraction in (0.0, SPARSE_FRACTION):
+                    first = random_packed(out_f, in_f, bits, fraction)
+                    copies = [first] + [random_packed(out_f, in_f, bits, fraction)
+                                        for _ in range(copies_for(weight_bytes(first)) - 1)]
+                    for rows in AB_BATCHES:
+                        x = torch.randn(rows, in_f, device="cuda", dtype=torch.float16)
+                        calls = [lambda p=p: torch.ops.squeeze_cuda.lut_gemv(
+                            x, p["qweight"], p["lookup_table"], bits, in_f, p["sparse_rows"], p["sparse_cols"],
+                            p["sparse_vals"], None) for p in copies]
+                        times = {}
+                        for mode in ("v1", "fused-all"):
+                            os.environ["SQUEEZE_CUDA_GEMV"] = mode
+                            times[mode] = replay_time_us(calls, per_replay=4 * len(calls))
+                        results.append((label, bits, fraction, rows, times["v1"], times["fused-all"]))
+                    del copies
+    finally:
+        os.environ.pop("SQUEEZE_CUDA_GEMV") if previous is None else os.environ.update(SQUEEZE_CUDA_GEMV=previous)
     return results
 
 
@@ -349,6 +386,21 @@ def markdown(run: dict) -> str:
              "(packed codes + LUT, or the fp16 weight, plus activations) / time.", ""]
     lines += layer_markdown(run["layers"], bits_list, peak) + ["", "Targets (issue 19):", ""]
     lines += target_lines(run["layers"], bits_list, peak)
+    if run.get("ab"):
+        lines += ["", "### The two mat-vecs on the same weights (7B shapes, fp16 activations)", "",
+                  "Split-K (blocks over the inputs add into a float32 buffer: zero, mat-vec, CSR residual and cast, "
+                  "four launches) against the one-kernel mat-vec (a block owns 32 outputs over all inputs; residual, "
+                  "bias and cast in the same kernel). Cells: split-K us / one-kernel us.", "",
+                  "| shape | bits | residual | " + " | ".join(f"{r} rows" for r in AB_BATCHES) + " |",
+                  "|---|---:|---|" + "---:|" * len(AB_BATCHES)]
+        cells: dict = {}
+        for label, bits, fraction, rows, split_k, fused in run["ab"]:
+            cells.setdefault((label, bits, fraction), {})[rows] = (split_k, fused)
+        for (label, bits, fraction), by_rows in cells.items():
+            lines.append(f"| {label} | {bits} | {'0.5%' if fraction else 'none'} | " + " | ".join(
+                f"{by_rows[r][0]:.1f} / {by_rows[r][1]:.1f}" if r in by_rows else "-" for r in AB_BATCHES) + " |")
+    if run.get("note"):
+        lines += ["", run["note"]]
     if run["crossover"]:
         lines += ["", "### Batch crossover (7B shapes, dense-only)", ""]
         lines += crossover_markdown([tuple(c) for c in run["crossover"]], run["threshold"])
@@ -381,6 +433,8 @@ def measure(args) -> dict:
     _save(args.json, run)
     run["crossover"] = [] if args.skip_crossover else crossover(args.bits)
     _save(args.json, run)
+    run["ab"] = [] if args.skip_ab else gemv_ab(args.bits)
+    _save(args.json, run)
     run["e2e"] = [] if args.skip_e2e else end_to_end(args.bits, args.layers, args.new_tokens)
     _save(args.json, run)
     return run
@@ -402,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B-shaped model")
     parser.add_argument("--skip-e2e", action="store_true", help="layers and crossover only")
     parser.add_argument("--skip-crossover", action="store_true")
+    parser.add_argument("--skip-ab", action="store_true", help="no split-K against one-kernel mat-vec table")
     parser.add_argument("--json", type=Path, default=None, help="also keep the raw numbers in this file")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="write the section from a file an earlier run kept (no GPU needed)")

@@ -2,10 +2,11 @@
 
 The torch functions here are the oracle that compiled kernels (``cuda_ext``) are tested against.
 ``lut_matmul`` picks an implementation in one place, ``_backend()``: the compiled CPU kernel
-(``cuda_ext.cpu``) for CPU tensors when it builds, else the torch reference, which dequantizes to
-float32 and calls ``F.linear``. ``SQUEEZE_KERNELS=torch`` forces the reference everywhere.
-The CUDA kernels (``cuda_ext.ops``) serve CUDA tensors only with ``SQUEEZE_KERNELS=cuda``: they
-are opt-in until a run on a GPU has verified them ("auto" does not pick them).
+(``cuda_ext.cpu``) for CPU tensors and the CUDA kernels (``cuda_ext.ops``) for CUDA tensors when
+they build, else the torch reference, which dequantizes to float32 and calls ``F.linear``.
+``SQUEEZE_KERNELS=torch`` forces the reference everywhere. The CUDA kernels are the default on
+GPUs since an H200 run passed every CUDA test and measured them 14-28x faster than the reference
+(BENCHMARKS.md, "CUDA kernels").
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def _backend(device: torch.device) -> str:
     ``$SQUEEZE_KERNELS``: "auto" (default) takes a compiled kernel for the device when
     ``cuda_ext`` can build it (the first call may compile it, once per machine), "torch" forces
     the reference, "cpu" / "cuda" allow only that kernel. A kernel that cannot be built logs one
-    warning (in cuda_ext) and the reference serves. The CUDA kernels are chosen only by "cuda"
-    (opt-in until verified on a GPU); asking for them where they cannot work logs that once.
+    warning (in cuda_ext) and the reference serves; asking for "cuda" where the CUDA kernels cannot
+    work logs that once, on any device.
     The answer is remembered per (setting, device type): a build's success or failure is final
     for the process, and this runs on every quantized layer call (the lookup took 4 us, as long
     as the kernel call itself on a small layer).
@@ -41,14 +42,12 @@ _BACKENDS: dict[tuple[str, str], str] = {}
 
 
 def _pick_backend(choice: str, device: torch.device) -> str:
-    if choice == "cuda":
-        import cuda_ext
+    import cuda_ext
 
+    if choice == "cuda" or (choice == "auto" and device.type == "cuda"):
         if cuda_ext.is_available("cuda") and device.type == "cuda":
             return "cuda-ext"
     if device.type == "cpu" and choice in ("auto", "cpu"):
-        import cuda_ext
-
         if cuda_ext.is_available("cpu"):
             return "cpu-ext"
     return "torch"

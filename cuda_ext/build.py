@@ -12,7 +12,7 @@ KINDS = ("cpu", "cuda")
 
 _HOW_TO_USE = {
     "cpu": "used automatically for CPU tensors (SQUEEZE_KERNELS=torch turns it off)",
-    "cuda": "opt-in until verified on a GPU: set SQUEEZE_KERNELS=cuda to use them",
+    "cuda": "used automatically for CUDA tensors (SQUEEZE_KERNELS=torch turns it off)",
 }
 
 

@@ -15,8 +15,8 @@ tracing, on every machine) and implemented by the compiled library on CUDA tenso
 qweight int32 [ceil(in/32)*bits, out], lookup_table [out, 2**bits], CSR residual (rows int32
 [out+1], cols int32 [nnz], vals float32 [nnz]) or None, bias [out] or None; 2, 3 or 4 bits.
 
-Opt-in: core uses these only when ``SQUEEZE_KERNELS=cuda`` is set, until a run on a GPU has
-verified them (tests/cuda_ext/test_cuda_kernels.py, bench/kernels.py).
+core uses them for CUDA tensors by default (``SQUEEZE_KERNELS=torch`` turns them off): an H200 run
+passed tests/cuda_ext and measured them against fp16 cuBLAS (bench/kernels.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ SOURCES = [jit.CSRC / "lut_cuda_ops.cpp", jit.CSRC / "lut_gemv.cu", jit.CSRC / "
 HEADERS = [jit.CSRC / "lut_cuda.h", jit.CSRC / "lut_common.cuh", jit.CSRC / "lut_decode.cuh"]
 SUPPORTED_BITS = (2, 3, 4)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# From this many rows (tokens) on, dequantizing to x's dtype and one cuBLAS GEMM beats running
-# the mat-vec once per 8 rows. 32 is an ESTIMATE from byte counts (a 4096x4096 fp16 weight costs
-# ~70 MB of traffic to expand and multiply, one 3-bit mat-vec pass ~6 MB plus its LUT lookups):
-# it has not been measured. Measure it on a GPU (bench/kernels.py) and replace it.
-DEQUANTIZE_MIN_ROWS = 32
+# From this many rows (tokens) on, dequantizing to x's dtype and one cuBLAS GEMM beats the mat-vec
+# (run once per 8 rows). Measured on an H200 (bench.kernels, BENCHMARKS.md "CUDA kernels"): at 12
+# rows dequantize + GEMM wins on every LLaMA-7B shape at 3 and 4 bits (31 vs 30 us on 4096x4096,
+# 83 vs 71 on 11008x4096), at 8 rows the mat-vec does (19 vs 30 us); 9-11 rows were not measured.
+DEQUANTIZE_MIN_ROWS = 12
 
 _LIB = torch.library.Library("squeeze_cuda", "DEF")
 _LIB.define("lut_gemv(Tensor x, Tensor qweight, Tensor lookup_table, int bits, int in_features, "

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "lut_cuda.h"
 
@@ -20,6 +21,20 @@ namespace squeeze_cuda {
 namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
+
+// Error messages are built as one std::string, numbers and shapes with std::to_string: on the
+// H200 machine's toolchain (torch 2.11+cu130, issue 19) streaming an integer into the message's
+// ostream inside this library crashed the process (SIGSEGV in std::ostream::_M_insert<long>,
+// read from cuda-gdb's backtrace) where a clear error was due; strings stream safely.
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + "]";
+}
+
+std::string dtype_name(at::ScalarType type) { return c10::toString(type); }
 
 int dtype_code(at::ScalarType type, const char* what) {
   switch (type) {
@@ -32,7 +47,7 @@ int dtype_code(at::ScalarType type, const char* what) {
     default:
       break;
   }
-  TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", type);
+  TORCH_CHECK(false, std::string(what) + " must be float32, float16 or bfloat16, got " + dtype_name(type));
   return kFloat32;  // not reached
 }
 
@@ -42,7 +57,7 @@ void* current_stream(const at::Tensor& on) {
 }
 
 void check_launch(int status, const char* kernel) {
-  TORCH_CHECK(status == 0, "squeeze_cuda: launching ", kernel, " failed: ", error_string(status));
+  TORCH_CHECK(status == 0, std::string("squeeze_cuda: launching ") + kernel + " failed: " + error_string(status));
 }
 
 // The same words as the CPU kernel (cpu_lut.cpp) and the torch reference (core/kernels.py).
@@ -57,29 +72,31 @@ at::Tensor bad_index_flag(const at::Tensor& like) { return at::zeros({1}, like.o
 // (no access out of bounds), and the eager call that precedes any capture has raised already.
 void check_bad_index(const at::Tensor& flag, void* stream) {
   if (stream_is_capturing(stream)) return;
-  TORCH_CHECK(flag.item<int32_t>() == 0, kBadSparseIndex);
+  TORCH_CHECK(flag.item<int32_t>() == 0, std::string(kBadSparseIndex));
 }
 
 void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* what) {
-  TORCH_CHECK(t.device() == like.device(), what, " is on ", t.device(), " but the activations are on ",
-              like.device());
+  TORCH_CHECK(t.device() == like.device(), std::string(what) + " is on " + t.device().str() +
+                                             " but the activations are on " + like.device().str());
 }
 
 // Checks qweight [ceil(in/32)*bits, out] int32 and lookup_table [out, 2**bits]; returns out.
 int64_t check_packed(const at::Tensor& qweight, const at::Tensor& lut, int64_t bits, int64_t in_features) {
-  TORCH_CHECK(bits >= 2 && bits <= 4, "squeeze_cuda kernels take 2, 3 or 4-bit codes, got ", bits);
-  TORCH_CHECK(in_features > 0 && in_features <= INT32_MAX, "in_features out of range: ", in_features);
+  TORCH_CHECK(bits >= 2 && bits <= 4, "squeeze_cuda kernels take 2, 3 or 4-bit codes, got " + num(bits));
+  TORCH_CHECK(in_features > 0 && in_features <= INT32_MAX, "in_features out of range: " + num(in_features));
   const int64_t groups = (in_features + kGroupSize - 1) / kGroupSize;
-  TORCH_CHECK(groups <= kMaxGridY * kDequantGroupsPerBlock, "in_features ", in_features,
-              " is larger than the kernels' grid allows");
+  TORCH_CHECK(groups <= kMaxGridY * kDequantGroupsPerBlock,
+              "in_features " + num(in_features) + " is larger than the kernels' grid allows");
   TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == at::kInt && qweight.dim() == 2 &&
                   qweight.size(0) == groups * bits,
-              "qweight must be a CUDA int32 [", groups * bits, ", out] tensor for ", in_features, " ", bits,
-              "-bit inputs, got ", qweight.scalar_type(), " ", qweight.sizes(), " on ", qweight.device());
+              "qweight must be a CUDA int32 [" + num(groups * bits) + ", out] tensor for " + num(in_features) + " " +
+                  num(bits) + "-bit inputs, got " + dtype_name(qweight.scalar_type()) + " " + shape(qweight.sizes()) +
+                  " on " + qweight.device().str());
   const int64_t out_features = qweight.size(1);
-  TORCH_CHECK(out_features <= INT32_MAX, "out_features out of range: ", out_features);
+  TORCH_CHECK(out_features <= INT32_MAX, "out_features out of range: " + num(out_features));
   TORCH_CHECK(lut.dim() == 2 && lut.size(0) == out_features && lut.size(1) == (int64_t{1} << bits),
-              "lookup_table must be [", out_features, ", ", int64_t{1} << bits, "], got ", lut.sizes());
+              "lookup_table must be [" + num(out_features) + ", " + num(int64_t{1} << bits) + "], got " +
+                  shape(lut.sizes()));
   check_on_device(lut, qweight, "lookup_table");
   return out_features;
 }
@@ -96,13 +113,15 @@ Residual check_residual(const OptionalTensor& rows, const OptionalTensor& cols, 
   const bool any = rows.has_value() || cols.has_value() || vals.has_value();
   if (!any) return residual;
   TORCH_CHECK(rows.has_value() && cols.has_value() && vals.has_value(),
-              "sparse_rows, sparse_cols and sparse_vals must be given together");
+              std::string("sparse_rows, sparse_cols and sparse_vals must be given together"));
   TORCH_CHECK(rows->scalar_type() == at::kInt && rows->dim() == 1 && rows->numel() == out_features + 1,
-              "sparse_rows must be int32 [", out_features + 1, "], got ", rows->scalar_type(), " ", rows->sizes());
+              "sparse_rows must be int32 [" + num(out_features + 1) + "], got " + dtype_name(rows->scalar_type()) +
+                  " " + shape(rows->sizes()));
   TORCH_CHECK(cols->scalar_type() == at::kInt && vals->scalar_type() == at::kFloat && cols->dim() == 1 &&
                   vals->dim() == 1 && cols->numel() == vals->numel(),
-              "sparse_cols must be int32 [nnz] and sparse_vals float32 [nnz], got ", cols->scalar_type(), " ",
-              cols->sizes(), " and ", vals->scalar_type(), " ", vals->sizes());
+              "sparse_cols must be int32 [nnz] and sparse_vals float32 [nnz], got " +
+                  dtype_name(cols->scalar_type()) + " " + shape(cols->sizes()) + " and " +
+                  dtype_name(vals->scalar_type()) + " " + shape(vals->sizes()));
   check_on_device(*rows, like, "sparse_rows");
   check_on_device(*cols, like, "sparse_cols");
   check_on_device(*vals, like, "sparse_vals");
@@ -113,11 +132,16 @@ Residual check_residual(const OptionalTensor& rows, const OptionalTensor& cols, 
   return residual;
 }
 
-// The one-kernel path (lut_gemv_fused.cu) unless SQUEEZE_CUDA_GEMV=v1 asks for the first kernels
-// (kept for shapes the fused kernel does not take, and for comparing the two on a GPU).
-bool fused_enabled() {
+// Which mat-vec serves `rows` rows: the one-kernel path (lut_gemv_fused.cu) for a single row, the
+// split-K kernels for more. SQUEEZE_CUDA_GEMV=v1 uses the split-K kernels for every row count and
+// =fused-all the one-kernel path up to 8 rows (both for comparing them: bench/kernels.py). The
+// split-K kernels also serve the shapes the fused kernel does not take.
+bool use_fused(int64_t rows) {
   const char* choice = std::getenv("SQUEEZE_CUDA_GEMV");
-  return choice == nullptr || std::strcmp(choice, "v1") != 0;
+  if (choice == nullptr) return rows == 1;
+  if (std::strcmp(choice, "v1") == 0) return false;
+  if (std::strcmp(choice, "fused-all") == 0) return true;
+  return rows == 1;
 }
 
 // x (contiguous, 16-byte aligned rows) [rows, in] -> [rows, out] in x's dtype, one kernel per 8 rows.
@@ -162,7 +186,8 @@ at::Tensor lut_gemv_fused(const at::Tensor& x, const at::Tensor& q, const at::Te
 at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lookup_table, int64_t bits,
                     int64_t in_features, const OptionalTensor& sparse_rows, const OptionalTensor& sparse_cols,
                     const OptionalTensor& sparse_vals, const OptionalTensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [rows, ", in_features, "], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features,
+              "x must be [rows, " + num(in_features) + "], got " + shape(x.sizes()));
   const int64_t out_features = check_packed(qweight, lookup_table, bits, in_features);
   check_on_device(qweight, x, "qweight");
   const int x_dtype = dtype_code(x.scalar_type(), "x");
@@ -175,11 +200,14 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const at::Tensor lut = lookup_table.contiguous();
   const int64_t rows = x.size(0);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_features, "bias must be [", out_features, "], got ",
-                bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_features,
+                "bias must be [" + num(out_features) + "], got " + shape(bias->sizes()));
     check_on_device(*bias, x, "bias");
   }
-  if (fused_enabled() && fused_gemv_supported(xc.data_ptr(), x_dtype, static_cast<int>(in_features))) {
+  // One row (decode) takes the one-kernel mat-vec; 2..7 rows the split-K kernels, which measured
+  // faster there once a CSR residual is present (BENCHMARKS.md, "CUDA kernels": the fused kernel's
+  // per-row residual sums meet in shared-memory atomics that serialize within a warp).
+  if (use_fused(rows) && fused_gemv_supported(xc.data_ptr(), x_dtype, static_cast<int>(in_features))) {
     return lut_gemv_fused(xc, q, lut, bits, in_features, out_features, residual, bias);
   }
   // Partial sums of the split-K blocks are added atomically, so y starts as the bias (or zero).

@@ -2,7 +2,7 @@
 
 Tests marked ``cuda`` need an NVIDIA GPU and a CUDA build of torch with nvcc; they skip
 otherwise (and fail, not skip, when a GPU is there but the build breaks). The rest run on any
-machine: the ops' fake implementations, the opt-in switch, and the one-line fallback.
+machine: the ops' fake implementations, the backend choice, and the one-line fallback.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_every_lut_dtype_and_width(cuda_ops, lut_dtype, bits):
 @pytest.mark.cuda
 def test_batches_between_8_rows_and_the_threshold_run_in_chunks(cuda_ops):
     w = make_weights(192, 576, 4, "cuda")
-    for rows in (9, 16, 17, ops.DEQUANTIZE_MIN_ROWS - 1, ops.DEQUANTIZE_MIN_ROWS):
+    for rows in (9, 10, ops.DEQUANTIZE_MIN_ROWS - 1, ops.DEQUANTIZE_MIN_ROWS, 17):
         x = torch.randn(rows, 576, device="cuda")
         assert_matches(run_kernel(x, w), reference(x, w), GEMM_REL_TOL[torch.float32])
 
@@ -273,17 +273,17 @@ def test_opt_in_without_gpu_logs_once_and_falls_back(monkeypatch, caplog):
         torch.testing.assert_close(y, reference(x, w))
 
 
-def test_cuda_kernels_are_opt_in(monkeypatch):
-    """Even where they build, the CUDA kernels serve only with SQUEEZE_KERNELS=cuda."""
+def test_cuda_kernels_serve_cuda_tensors_by_default(monkeypatch):
+    """Where they build, the CUDA kernels serve CUDA tensors unless SQUEEZE_KERNELS says otherwise."""
     monkeypatch.setattr(cuda_ext, "is_available", lambda kind="cpu": kind == "cuda")
+    monkeypatch.setattr(kernels, "_BACKENDS", {})  # no verdict remembered from another test
     cuda = torch.device("cuda")
-    for choice in ("auto", "torch", "cpu"):
-        monkeypatch.setenv("SQUEEZE_KERNELS", choice)
-        assert kernels._backend(cuda) == "torch"
-    monkeypatch.delenv("SQUEEZE_KERNELS")
-    assert kernels._backend(cuda) == "torch"
-    monkeypatch.setenv("SQUEEZE_KERNELS", "cuda")
+    monkeypatch.delenv("SQUEEZE_KERNELS", raising=False)
     assert kernels._backend(cuda) == "cuda-ext"
+    for choice, expected in (("auto", "cuda-ext"), ("cuda", "cuda-ext"), ("torch", "torch"), ("cpu", "torch")):
+        monkeypatch.setenv("SQUEEZE_KERNELS", choice)
+        assert kernels._backend(cuda) == expected, choice
+    monkeypatch.setenv("SQUEEZE_KERNELS", "cuda")
     assert kernels._backend(torch.device("cpu")) == "torch"
 
 
