@@ -29,6 +29,8 @@ BENCHMARKS_TO_RUN = {
     "cpu": ("bench.cpu_inference", [], ["--new-tokens", "16", "--rounds", "1", "--skip-reference"],
             "decode/prefill tokens/s and peak memory, fp32 vs bf16 vs 4/3-bit"),
     "eval": ("bench.eval_speed", [], ["--windows", "8"], "perplexity evaluation throughput, kernel vs torch path"),
+    "bf16-prefill": ("bench.bf16_prefill", [], ["--rows", "16", "64", "--windows", "4", "--samples", "2"],
+                     "bf16 prefill on the CPU: float32 kernel path against the bf16 GEMM"),
     "mixed": ("bench.mixed_precision", [], ["--targets", "3.5", "--no-control"], "per-layer mixed precision"),
     "scale": ("bench.memory_scale", [], ["--new-tokens", "4", "--rounds", "1"], "peak memory and decode at 1.1 B parameters"),
     "streaming": ("bench.streaming", [], ["--quick"], "peak memory and stage times quantizing 1.1 B / 3 B / 8 B models"),
