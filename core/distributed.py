@@ -336,9 +336,25 @@ def join_ranks(device: torch.device, workers: int = 1) -> tuple[Ranks, torch.dev
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
     torch.set_num_threads(cpu_cores())
+    _bind_default_groups_to_none()
     with _collective(rank, world):
         dist.init_process_group(backend, timeout=RANK_TIMEOUT)
     return ProcessRanks(dist.get_rank(), dist.get_world_size(), local_world, backend), device
+
+
+def _bind_default_groups_to_none() -> None:
+    """Import, before the group exists, the torch modules whose functions take ``group=group.WORLD`` as a
+    default argument.
+
+    Such a default is evaluated once, at import: imported after ``init_process_group`` (transformers
+    imports ``torch.distributed.nn.functional`` through its FSDP helpers when a model's config is first
+    read), ten functions hold the group, so ``destroy_process_group`` in ``close`` cannot free it. Its gloo
+    threads (two workers and the TCP event loop) then still run when the interpreter exits, and tearing
+    them down there sometimes ends in ``std::terminate``: a rank that finished its share died by SIGABRT
+    ("terminate called without an active exception") after its work was done. Imported now, the defaults
+    are None and ``close`` joins those threads.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def share_out(sizes: dict[str, int], world: int) -> dict[str, int]:

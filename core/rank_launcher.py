@@ -6,14 +6,16 @@ machine, OMP_NUM_THREADS = cores / N) and the job as JSON; each runs ``run_quant
 (``core.distributed``). Rank 0 sends its progress events and the final report back as JSON lines on
 its stdout, so this generator looks like ``run_quantize_job`` itself to the command line and the
 studio. The children's stderr goes to log files; when one fails, the others are stopped and one
-UserError says which worker and why (its own error line, or the signal that killed it), and that the
-finished blocks are kept for a rerun. Closing the generator (Ctrl-C, the studio's Cancel) interrupts
-every child as Ctrl-C would one process. A child whose parent dies stops by itself.
+UserError says which worker and why (its own error line, or the signal that killed it and the last
+lines it wrote to stderr), and that the finished blocks are kept for a rerun. Closing the generator
+(Ctrl-C, the studio's Cancel) interrupts every child as Ctrl-C would one process. A child whose
+parent dies stops by itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
 import queue
@@ -37,6 +39,7 @@ STOP_GRACE_S = 3.0  # a stopped child gets this long to clean up, then SIGKILL (
 # cannot run its Python handler; the staging folder is consistent at any instant)
 SETTLE_S = 2.0  # after a failure, how long the others get to stop on their own (they name no cause)
 EXIT_USAGE, EXIT_CANCELLED = 2, 130
+TAIL_LINES = 20  # a worker killed by a signal: this many of its last stderr lines go into the error
 
 
 def launch_workers(job) -> Generator[ProgressEvent, None, object]:
@@ -140,7 +143,7 @@ def _failure(procs: list[subprocess.Popen], logs: Path) -> Exception:
         name = signal.Signals(-codes[rank]).name
         why = " (kill -9, or the system's out-of-memory killer)" if name == "SIGKILL" else ""
         return UserError(f"worker {rank + 1} of {n} was killed by {name}{why}; the other workers were stopped, "
-                         f"{kept}")
+                         f"{kept}" + _tail(logs / f"rank{rank}.log"))
     rank = first(lambda c: c == EXIT_USAGE)
     if rank is not None:
         return UserError(_last_line(logs / f"rank{rank}.log").removeprefix("squeeze: error: "))
@@ -149,6 +152,20 @@ def _failure(procs: list[subprocess.Popen], logs: Path) -> Exception:
         tail = (logs / f"rank{rank}.log").read_text(errors="replace")[-4000:]
         return RuntimeError(f"worker {rank + 1} of {n} failed (exit code {codes[rank]}):\n{tail}")
     return UserError(f"a worker stopped (exit codes {sorted(set(codes.values()))}); the others were stopped, {kept}")
+
+
+def _tail(path: Path, lines: int = TAIL_LINES, width: int = 300) -> str:
+    """The last ``lines`` non-blank lines of a worker's stderr, indented under the error line ("" if none):
+    what it said before a signal (an abort's C++ message, a fatal Python error) is all there is to go on."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.rstrip()[:width] for line in text.splitlines() if line.strip()][-lines:]
+    if not kept:
+        return ""
+    return f"\nworker's last {len(kept)} line{'s' if len(kept) > 1 else ''} on stderr:\n" + \
+        "\n".join(f"  | {line}" for line in kept)
 
 
 def _last_line(path: Path) -> str:
@@ -238,6 +255,7 @@ def worker_main() -> int:
     from core.pipeline import run_quantize_job
     from core.progress import run_to_end
 
+    faulthandler.enable(all_threads=True)  # a fatal signal (SIGABRT, SIGSEGV) leaves the Python stacks in the log
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     job = job_from_json(os.environ.pop(JOB_ENV))

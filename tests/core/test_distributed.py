@@ -147,6 +147,29 @@ def test_too_few_windows_for_the_workers_is_refused_in_one_line(model_folder, tm
     assert "--workers 3 needs at least 3 calibration windows" in err and not (tmp_path / "q").exists()
 
 
+def test_a_worker_killed_by_a_signal_is_reported_with_its_last_stderr_lines(tmp_path):
+    from core.rank_launcher import TAIL_LINES, _failure
+
+    class Dead:  # a worker that already ended by a signal
+        def __init__(self, code: int) -> None:
+            self.returncode, self.stdout = code, None
+
+        def poll(self) -> int:
+            return self.returncode
+
+    (tmp_path / "rank0.log").write_text("")
+    (tmp_path / "rank1.log").write_text("\n".join(f"line {i}" for i in range(50)) + "\nterminate called without an "
+                                        "active exception\nFatal Python error: Aborted\n\n" + "x" * 5000 + "\n")
+    message = str(_failure([Dead(0), Dead(-signal.SIGABRT)], tmp_path))
+    first, *tail = message.splitlines()
+    assert "worker 2 of 2 was killed by SIGABRT" in first and "run the same command again" in first
+    assert tail[0] == f"worker's last {TAIL_LINES} lines on stderr:" and len(tail) == TAIL_LINES + 1
+    assert "  | terminate called without an active exception" in tail and "  | Fatal Python error: Aborted" in tail
+    assert tail[-1].startswith("  | xxx") and len(tail[-1]) < 400  # long lines are cut
+    (tmp_path / "rank1.log").write_text("")
+    assert str(_failure([Dead(0), Dead(-signal.SIGKILL)], tmp_path)).count("\n") == 0  # nothing said: one line
+
+
 # ---------------------------------------------------------------- across processes
 
 
@@ -178,6 +201,37 @@ def test_two_torchrun_nodes_on_localhost(model_folder, one_process, tmp_path):
         assert node.returncode == 0, err
     assert sum("wrote" in out for out, _ in results) == 1, "rank 0 alone writes the folder"
     assert_same_but_ties(one_process, output)
+
+
+_CLOSE_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch
+from core.distributed import join_ranks
+from core.lazy_model import LazyModel
+
+ranks, _ = join_ranks(torch.device("cpu"))
+LazyModel.open(Path(sys.argv[1]))  # transformers reads the config: its imports come after the group's
+ranks.from_main(lambda: None)
+ranks.close()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc")
+def test_closing_the_group_stops_its_threads_though_transformers_was_imported_after_it(model_folder):
+    """A group still referenced after destroy_process_group keeps its gloo threads running into the
+    interpreter's exit, where their teardown sometimes aborts (SIGABRT) the rank that finished first."""
+    port = _free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", _CLOSE_SCRIPT, str(model_folder)],
+                              env={**_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err
+        assert out.strip() == "[]", f"gloo threads left after close: {out.strip()}"
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
