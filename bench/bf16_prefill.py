@@ -1,6 +1,6 @@
 """bfloat16 prefill on the CPU: the kernel's float32 path against the bfloat16 GEMM, per layer and end to end.
 
-python -m bench.bf16_prefill [--rows 8 16 32 64 256] [--windows 20] [--samples 8] [--skip-demo]
+python -m bench.bf16_prefill [--rows 8 16 32 64 128 256 512] [--windows 20] [--samples 8] [--skip-demo]
 
 * Layers (LLaMA-8B and demo shapes, random 3-bit codes with a 0.5% residual, bf16 activations): seconds
   per call of core.kernels.lut_matmul with ``BF16_GEMM_MIN_ROWS`` set past the row count (the CPU
@@ -130,7 +130,7 @@ def markdown(run: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32, 64, 256])
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-demo", action="store_true")
