@@ -133,7 +133,7 @@ def lut_matmul(x: torch.Tensor, qweight: torch.Tensor, lookup_table: torch.Tenso
                                          sparse_vals, bias)
         return _cpu_kernel().lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
                                         sparse_vals, bias)
-    if backend == "cuda-ext" and bits <= 4:  # the CUDA kernels take 2-4 bits; 6 and 8 go to the reference
+    if backend == "cuda-ext" and bits <= 4:  # the CUDA kernels take 2-4 bits; 5-8 go to the reference
         from cuda_ext import ops
 
         return ops.lut_matmul(x, qweight, lookup_table, bits, in_features, sparse_rows, sparse_cols,
@@ -161,9 +161,11 @@ def lut_matmul_many(x: torch.Tensor, layers: list[tuple], in_features: int) -> l
 # From this many rows on, bfloat16 activations on the CPU take a bfloat16 GEMM: the weight is
 # dequantized by the CPU kernel in blocks of output rows, rounded to bfloat16 and multiplied by
 # torch's bfloat16 GEMM (what the unquantized bf16 model does), instead of the kernel's float32
-# dequantize + GEMM. Measured on this machine's CPU (AMD EPYC with AVX-512 BF16), one 14336 x 4096
-# 3-bit layer: 64 rows 1,337 -> 340 ms, 256 rows 980 -> 350 ms (BENCHMARKS.md, "bf16 prefill").
-BF16_GEMM_MIN_ROWS = 16
+# dequantize + GEMM. Measured on a quiet 2-core CPU (bench.bf16_prefill, BENCHMARKS.md "bfloat16
+# prefill"), 3-bit LLaMA-8B layers: at 512 rows the bf16 GEMM is 1.29-1.42x faster (14336 x 4096:
+# 340 -> 263 ms), at 256 rows 0.93-1.14x, below that slower (dequantizing 58 M weights costs ~110 ms,
+# the kernel's own path at 16 rows 34 ms). Demo-sized layers gain from 32 rows, but take little time.
+BF16_GEMM_MIN_ROWS = 512
 # Output rows dequantized at a time: bounds the float32 + bfloat16 copies to ~100 MB at 4096 inputs.
 _BF16_GEMM_BLOCK_ROWS = 4096
 
