@@ -46,6 +46,7 @@ K_QUANTS = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS")
 DENSE_ONLY = {"outliers": {"percent": None}, "sensitivity_percent": 0.0}
 HALF = {"embed_bits": 16, "head_bits": 16}  # the embedding/head in float16
 SIX = {"embed_bits": 6, "head_bits": 6}  # ... as 6-bit LUT codes (core.embed_head)
+FIVE = {"embed_bits": 5, "head_bits": 5}
 OURS = {  # label -> QuantConfig fields
     "SqueezeLLM 4-bit dense-and-sparse": {"bits": 4, **HALF},
     "SqueezeLLM 3-bit dense-and-sparse, embedding 6-bit": {"bits": 3, **SIX},
@@ -61,6 +62,14 @@ OURS = {  # label -> QuantConfig fields
         "bits": 4, "outliers": {"percent": 0.2}, "refine": True, **SIX},
     "SqueezeLLM 4-bit, outliers 0.1%, refined, embedding 6-bit": {
         "bits": 4, "outliers": {"percent": 0.1}, "refine": True, **SIX},
+    # 5-bit codes: llama.cpp's Q4_K_S / Q4_K_M store most of this model's projections as q5_0 (5.5 bits)
+    "SqueezeLLM 5-bit dense-only, embedding 6-bit": {"bits": 5, **DENSE_ONLY, **SIX},
+    "SqueezeLLM 5-bit dense-only, refined, embedding 6-bit": {"bits": 5, **DENSE_ONLY, "refine": True, **SIX},
+    # ... within Q4_K_M's bytes: a 5-bit embedding (its 576-wide rows pay 64 B of table at 6 bits, 32 at 5),
+    # or a quarter of the projections at 4 bits (mixed precision, the Fisher-weighted error decides which)
+    "SqueezeLLM 5-bit dense-only, embedding 5-bit": {"bits": 5, **DENSE_ONLY, **FIVE},
+    "SqueezeLLM 5-bit dense-only, refined, embedding 5-bit": {"bits": 5, **DENSE_ONLY, "refine": True, **FIVE},
+    "SqueezeLLM 4.75-bit mixed (4 or 5), dense-only, embedding 6-bit": {"target_bits": 4.75, **DENSE_ONLY, **SIX},
 }
 SEQLEN = 512
 WINDOWS = 40

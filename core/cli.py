@@ -13,6 +13,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import TypeVar
 
+from core.config import BIT_CHOICES
 from core.progress import ProgressEvent
 
 T = TypeVar("T")
@@ -63,10 +64,11 @@ def drive(gen: Generator[ProgressEvent, None, T], quiet: bool = False) -> T:
 
 def _add_quant_settings(p: argparse.ArgumentParser) -> None:
     width = p.add_mutually_exclusive_group()
-    width.add_argument("--bits", type=int, choices=(3, 4), help="bits per dense weight (default 4)")
+    width.add_argument("--bits", type=int, choices=BIT_CHOICES, help="bits per dense weight (default 4)")
     width.add_argument("--target-bits", type=float, metavar="B",
-                       help="mixed precision: average bits per dense weight between 3 and 4 (e.g. 3.5); each "
-                            "matrix gets 3 or 4 bits, 4 where it lowers the sensitivity-weighted error most")
+                       help="mixed precision: average bits per dense weight between 3 and 6 (e.g. 3.5); each "
+                            "matrix gets one of the two whole widths around it (3.5: 3 or 4), the wider where it "
+                            "lowers the sensitivity-weighted error most")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--outlier-range", type=float, metavar="R",
                    help="outliers beyond Q1-R*IQR / Q3+R*IQR of each matrix (the original's --range)")
@@ -77,10 +79,10 @@ def _add_quant_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="squeezellm", choices=("squeezellm", "rtn", "rtn-g128"),
                    help="squeezellm, or a round-to-nearest baseline")
     p.add_argument("--embed-bits", type=int, default=None, metavar="B",
-                   help="token embedding: 4, 6 or 8 bits of lookup-table codes, or 16 for float16 (default "
+                   help="token embedding: 4, 5, 6 or 8 bits of lookup-table codes, or 16 for float16 (default "
                         f"{_default_width('embed_bits')}); a tied embedding and head are stored once, at the larger width")
     p.add_argument("--head-bits", type=int, default=None, metavar="B",
-                   help=f"output head (lm_head): 4, 6, 8 or 16 (default {_default_width('head_bits')})")
+                   help=f"output head (lm_head): 4, 5, 6, 8 or 16 (default {_default_width('head_bits')})")
     p.add_argument("--refine", choices=("none", "lnq"), default=None,
                    help="lnq: after k-means, refit each row's lookup table and codes against the layer's output "
                         "error weighted by the loss gradients (same format; slower). Default: "
@@ -99,7 +101,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from(args: argparse.Namespace):
-    from core.config import EMBED_WIDTHS, MAX_REFINE_GROUPS, OutlierConfig, QuantConfig
+    from core.config import EMBED_WIDTHS, EMBED_WIDTHS_TEXT, MAX_REFINE_GROUPS, OutlierConfig, QuantConfig
 
     if args.outlier_range is not None:
         outliers = OutlierConfig(range_multiplier=args.outlier_range, percent=None)
@@ -121,7 +123,7 @@ def quant_config_from(args: argparse.Namespace):
     for field, value in widths.items():
         if value not in EMBED_WIDTHS:
             option = "--" + field.replace("_", "-")
-            raise ValueError(f"{option} {value} is not supported: use 4, 6 or 8 (lookup-table codes) or 16 (float16)")
+            raise ValueError(f"{option} {value} is not supported: {EMBED_WIDTHS_TEXT}")
     return QuantConfig(bits=4 if args.bits is None else args.bits, method=args.method, outliers=outliers,
                        sensitivity_percent=args.sensitivity, target_bits=args.target_bits,
                        refine=refine and args.method == "squeezellm", refine_groups=groups or 1, **widths)

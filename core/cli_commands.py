@@ -126,7 +126,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     r = f"{result.range_multiplier:.3f}" if result.range_multiplier is not None else "none"
     note = "" if fisher is not None else " (sensitivity not computed: overlaps with outliers not counted; --fisher)"
     print(f"IQR multiplier {r}; outliers {result.outlier_percent:.3f}%, sparse {result.sparse_percent:.3f}%{note}")
-    width = f"{config.bits}-bit" if config.target_bits is None else f"mixed 3/4-bit (target {config.target_bits})"
+    width = f"{config.bits}-bit" if config.target_bits is None else f"mixed {config.widths[0]}/{config.widths[1]}-bit (target {config.target_bits})"
     print(f"{width}: {result.bits_per_weight:.3f} bits per weight; model {format_bytes(result.total_bytes)} "
           f"(now {format_bytes(result.original_bytes)})")
     print(f"quantizing {plan.describe()}; {format_bytes(available_memory())} free now (block inputs beyond "

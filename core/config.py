@@ -9,17 +9,27 @@ message a user can act on (never ``assert``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 C = TypeVar("C")
 
 METHODS = ("squeezellm", "rtn", "rtn-g128")
-SUPPORTED_BITS = (2, 3, 4)
-MIXED_BITS = (3, 4)  # the widths a target_bits budget chooses between, per matrix
-EMBED_WIDTHS = (4, 6, 8, 16)  # token embedding / output head: LUT codes of 4, 6 or 8 bits, or 16 = float16
+SUPPORTED_BITS = (2, 3, 4, 5, 6)  # 2 only through the API (too lossy to offer); 5 and 6 for quality per byte
+BIT_CHOICES = (3, 4, 5, 6)  # what the studio and the command line offer
+MIXED_RANGE = (3.0, 6.0)  # a target_bits budget: each matrix gets one of the two whole widths around it
+EMBED_WIDTHS = (4, 5, 6, 8, 16)  # token embedding / output head: LUT codes of 4, 5, 6 or 8 bits, or 16 = float16
+EMBED_WIDTHS_TEXT = "use 4, 5, 6 or 8 (lookup-table codes) or 16 (float16)"
 MAX_REFINE_GROUPS = 64  # refinement's channel groups: each one a float32 in x in Hessian per matrix
 EMBED_WEIGHTINGS = ("frequency", "none")  # k-means weights of an untied embedding's rows (core.embed_head)
+
+
+def mixed_widths(target_bits: float) -> tuple[int, int]:
+    """The two widths a ``target_bits`` budget chooses between per matrix: 3.5 -> (3, 4), 4.0 -> (3, 4),
+    4.3 -> (4, 5), 6.0 -> (5, 6). A whole target is the upper width (every matrix there)."""
+    low = max(int(MIXED_RANGE[0]), math.ceil(target_bits) - 1)
+    return low, low + 1
 
 
 def _hint(label: str, tooltip: str, **kw: Any) -> dict[str, Any]:
@@ -71,7 +81,8 @@ class QuantConfig:
     """What to quantize and how."""
 
     bits: int = field(default=4, metadata=_hint(
-        "Bits", "Bits per dense weight: 4 keeps quality, 3 is smaller.", choices=(3, 4)))
+        "Bits", "Bits per dense weight: 4 keeps quality, 3 is smaller, 5 and 6 spend bytes to come closer "
+        "to the original (each extra bit doubles the lookup table).", choices=BIT_CHOICES))
     method: str = field(default="squeezellm", metadata=_hint(
         "Method", "squeezellm: Fisher-weighted non-uniform; rtn / rtn-g128: uniform "
         "round-to-nearest baselines.", choices=METHODS))
@@ -84,18 +95,18 @@ class QuantConfig:
     seed: int = field(default=0, metadata=_hint("Seed", "Seed of the k-means++ initialisation.",
                                                 min=0, max=2**31 - 1))
     target_bits: float | None = field(default=None, metadata=_hint(
-        "Target bits (mixed)", "Average bits per dense weight, between 3 and 4: each matrix gets 3 or 4 "
-        "bits, the 4-bit ones being those whose sensitivity-weighted error drops most per extra bit. "
-        "Off: every matrix uses Bits. Quantizing takes about twice as long.",
-        min=MIXED_BITS[0], max=MIXED_BITS[1], step=0.05))
+        "Target bits (mixed)", "Average bits per dense weight, between 3 and 6: each matrix gets one of the "
+        "two whole widths around it (3.5: 3 or 4 bits, 4.5: 4 or 5), the wider ones being those whose "
+        "sensitivity-weighted error drops most per extra bit. Off: every matrix uses Bits. Quantizing "
+        "takes about twice as long.", min=MIXED_RANGE[0], max=MIXED_RANGE[1], step=0.05))
     # 6 measured best (bench.embed_head, demo, 4-bit projections, tied pair at 4 / 6 / 8 / 16 bits: folder
     # 85.8 / 97.6 / 123.5 / 123.4 MB, perplexity 27.36 / 26.39 / 26.39 / 26.38): float16's quality, 21% smaller.
     embed_bits: int = field(default=6, metadata=_hint(
-        "Embedding bits", "Bits per weight of the token embedding: 4, 6 or 8 store it as lookup-table codes "
+        "Embedding bits", "Bits per weight of the token embedding: 4, 5, 6 or 8 store it as lookup-table codes "
         "like the projections (a large share of a small model's file), 16 keeps it in float16. A tied "
         "embedding and head are stored once, at the larger of the two widths.", choices=EMBED_WIDTHS))
     head_bits: int = field(default=6, metadata=_hint(
-        "Head bits", "Bits per weight of the output head (lm_head), weighted by its Fisher: 4, 6 or 8, or 16 "
+        "Head bits", "Bits per weight of the output head (lm_head), weighted by its Fisher: 4, 5, 6 or 8, or 16 "
         "for float16.", choices=EMBED_WIDTHS))
     # "none" measured (bench.embed_head, demo with an untied 4-bit embedding): 26.53 against 26.55 by frequency.
     embed_weighting: str = field(default="none", metadata=_hint(
@@ -119,11 +130,10 @@ class QuantConfig:
             raise ValueError(f"refine groups = {self.refine_groups!r} is not supported: use a whole number from 1 "
                              f"to {MAX_REFINE_GROUPS} (1: one Hessian per matrix)")
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits = {self.bits} is not supported: use 3 or 4")
+            raise ValueError(f"bits = {self.bits} is not supported: use 3, 4, 5 or 6")
         for name, value in (("embed bits", self.embed_bits), ("head bits", self.head_bits)):
             if isinstance(value, bool) or value not in EMBED_WIDTHS:
-                raise ValueError(f"{name} = {value!r} is not supported: use 4, 6 or 8 (lookup-table codes) "
-                                 "or 16 (float16)")
+                raise ValueError(f"{name} = {value!r} is not supported: {EMBED_WIDTHS_TEXT}")
         if self.embed_weighting not in EMBED_WEIGHTINGS:
             raise ValueError(f"embedding weighting {self.embed_weighting!r} is unknown: use "
                              f"{' or '.join(EMBED_WEIGHTINGS)}")
@@ -135,16 +145,21 @@ class QuantConfig:
                                  f"squeezellm, not {self.method}: drop the target or use squeezellm")
             if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)):
                 raise ValueError(f"target bits = {self.target_bits!r} is not a number: use e.g. 3.5")
-            _check_range("target bits", self.target_bits, *MIXED_BITS,
-                         "each matrix gets 3 or 4 bits, so use an average such as 3.5")
+            _check_range("target bits", self.target_bits, *MIXED_RANGE,
+                         "each matrix gets 3 to 6 bits, so use an average such as 3.5")
         _check_range("sensitivity", self.sensitivity_percent, 0.0, 10.0,
                      "it is in percent, e.g. 0.05 means 0.05%")
         _check_range("k-means iterations", self.kmeans_max_iter, 1, 1000, "use e.g. 50")
 
     @property
     def mixed_precision(self) -> bool:
-        """True when each matrix gets its own width (3 or 4 bits) under ``target_bits``."""
+        """True when each matrix gets its own width (see ``mixed_widths``) under ``target_bits``."""
         return self.target_bits is not None
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The widths every matrix is clustered at: ``bits``, or the two a ``target_bits`` budget chooses from."""
+        return mixed_widths(self.target_bits) if self.target_bits is not None else (self.bits,)
 
     @property
     def dense_and_sparse(self) -> bool:

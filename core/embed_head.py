@@ -3,7 +3,7 @@
 In a small model with a large vocabulary the embedding and the head (lm_head, often the same tied
 matrix) are a large share of the file: 49152 x 576 in the demo model, half of its 4-bit folder in
 float16. Here they are quantized like the projections (per-row Fisher-weighted k-means, packed
-codes, an optional dense-and-sparse residual) at a width of their own: 4, 6 or 8 bits, or 16 =
+codes, an optional dense-and-sparse residual) at a width of their own: 4, 5, 6 or 8 bits, or 16 =
 float16 storage as before (``core.half_head``).
 
 * ``SqueezeEmbedding``: a ``SqueezeLinear`` [num_embeddings, embedding_dim] whose forward is a

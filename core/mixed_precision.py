@@ -1,7 +1,8 @@
-"""Per-layer mixed precision (SPEC H.9): 3 or 4 bits per matrix under an average-bits budget.
+"""Per-layer mixed precision (SPEC H.9): one of two widths per matrix under an average-bits budget.
 
-Every matrix is split into dense and sparse parts once and its dense part clustered at both
-widths, so the Fisher-weighted error Σ F (W − Ŵ)² of each matrix at 3 and at 4 bits is known.
+The budget ``target_bits`` picks the two whole widths around it (``core.config.mixed_widths``: 3.5 ->
+3 or 4 bits, 4.5 -> 4 or 5). Every matrix is split into dense and sparse parts once and its dense part
+clustered at both widths, so the Fisher-weighted error Σ F (W − Ŵ)² of each matrix at each is known.
 The extra bit of a matrix costs out*in bits; the budget goes, greedily, to the matrices whose
 error drops most per extra bit, as long as the average code bits per weight stays within the
 target (never above it). The LUTs and the sparse part are not budgeted: the target is the
@@ -19,14 +20,11 @@ from fractions import Fraction
 
 import torch
 
-from core.config import MIXED_BITS, QuantConfig
+from core.config import MIXED_RANGE, QuantConfig, mixed_widths
 from core.layers import SqueezeLinear
 from core.progress import ProgressEvent
 from core.quantize import (LayerReport, QuantizedMatrix, QuantReport, _report, _Stopwatch, layer_report,
                            outlier_thresholds, per_matrix, quantize_matrix_widths, squeeze_module)
-
-LOW_BITS, HIGH_BITS = MIXED_BITS
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -39,7 +37,7 @@ class Candidate:
 
     @property
     def numel(self) -> int:
-        return self.reports[LOW_BITS].numel
+        return next(iter(self.reports.values())).numel
 
     @property
     def errors(self) -> dict[int, float]:
@@ -48,7 +46,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Candidates:
-    """Every quantizable matrix of a model at 3 and at 4 bits, before any is placed in the model."""
+    """Every quantizable matrix of a model at both widths, before any is placed in the model."""
 
     matrices: dict[str, Candidate]  # in model order
     range_multiplier: float | None
@@ -62,20 +60,22 @@ class Candidates:
 
 def allocate_bits(numel: Mapping[str, int], errors: Mapping[str, Mapping[int, float]],
                   target_bits: float) -> dict[str, int]:
-    """Choose 3 or 4 bits per matrix so that Σ bits·numel ≤ target_bits · Σ numel.
+    """Choose the lower or upper of ``mixed_widths(target_bits)`` per matrix so that
+    Σ bits·numel ≤ target_bits · Σ numel.
 
-    numel: name -> weights of the matrix; errors: name -> {3: error, 4: error} (Fisher-weighted).
-    Greedy knapsack by marginal gain: matrices sorted by (error at 3 − error at 4) / numel, largest
-    first (ties keep the given order), each upgraded to 4 bits when its extra out*in bits still fit;
-    a matrix that does not fit is skipped and smaller ones after it may still fit. Exact integer
+    numel: name -> weights of the matrix; errors: name -> {bits: error} (Fisher-weighted) holding both
+    widths. Greedy knapsack by marginal gain: matrices sorted by (error at low − error at high) / numel,
+    largest first (ties keep the given order), each upgraded when its extra out*in bits still fit; a
+    matrix that does not fit is skipped and smaller ones after it may still fit. Exact integer
     arithmetic, so target 4.0 gives every matrix 4 bits and 3.0 gives none. Returns name -> bits in
     the order of ``numel``.
     """
-    lo, hi = MIXED_BITS
-    if not lo <= target_bits <= hi:
-        raise ValueError(f"target bits = {target_bits} is outside [{lo}, {hi}]: use an average such as 3.5")
+    if not MIXED_RANGE[0] <= target_bits <= MIXED_RANGE[1]:
+        raise ValueError(f"target bits = {target_bits} is outside [{MIXED_RANGE[0]:g}, {MIXED_RANGE[1]:g}]: "
+                         "use an average such as 3.5")
+    lo, hi = mixed_widths(target_bits)
     total = sum(numel.values())
-    spare = math.floor(Fraction(target_bits) * total) - lo * total  # bits left after everything at 3
+    spare = math.floor(Fraction(target_bits) * total) - lo * total  # bits left after everything at the low width
     order = sorted(numel, key=lambda n: -(errors[n][lo] - errors[n][hi]) / max(1, numel[n]))
     chosen = {name: lo for name in numel}
     for name in order:
@@ -94,7 +94,7 @@ def average_bits(numel: Mapping[str, int], allocation: Mapping[str, int]) -> flo
 
 def quantize_candidates(model: torch.nn.Module, config: QuantConfig, fisher: dict[str, torch.Tensor] | None = None,
                         *, device: str | torch.device | None = None) -> Generator[ProgressEvent, None, Candidates]:
-    """Quantize every quantizable linear of ``model`` at 3 and at 4 bits; the model is not changed.
+    """Quantize every quantizable linear of ``model`` at both of ``config.widths``; the model is not changed.
 
     fisher: name -> float32 [out, in] or None (unweighted); device: where the k-means runs. The
     dense/sparse split runs once per matrix, the k-means twice. Memory: both packed results of every
@@ -110,7 +110,7 @@ def quantize_candidates(model: torch.nn.Module, config: QuantConfig, fisher: dic
 
     def job(name: str, lin: torch.nn.Linear, target: torch.device) -> dict[int, QuantizedMatrix]:
         f = fisher.get(name) if fisher is not None else None
-        return quantize_matrix_widths(lin.weight.to(target), f.to(target) if f is not None else None, MIXED_BITS,
+        return quantize_matrix_widths(lin.weight.to(target), f.to(target) if f is not None else None, config.widths,
                                       threshold=thresholds[name], sensitivity_percent=config.sensitivity_percent,
                                       max_iter=config.kmeans_max_iter, seed=config.seed, timings=seconds)
 
@@ -125,7 +125,8 @@ def quantize_candidates(model: torch.nn.Module, config: QuantConfig, fisher: dic
             clock.lap("packing")
             errors = ", ".join(f"{bits}-bit {err:.3g}" for bits, err in tried)
             yield ProgressEvent("quantize", i + 1, len(linears),
-                                f"k-means at {LOW_BITS} and {HIGH_BITS} bits: {name} (weighted error {errors})")
+                                f"k-means at {' and '.join(map(str, config.widths))} bits: {name} "
+                                f"(weighted error {errors})")
     return Candidates(matrices, multiplier, seconds)
 
 
@@ -160,9 +161,10 @@ def quantize_mixed(model: torch.nn.Module, config: QuantConfig, fisher: dict[str
     t0 = time.perf_counter()
     allocation = candidates.allocate(config.target_bits)
     numel = {name: c.numel for name, c in candidates.matrices.items()}
-    n_high = sum(bits == HIGH_BITS for bits in allocation.values())
+    high = config.widths[-1]
+    n_high = sum(bits == high for bits in allocation.values())
     yield ProgressEvent("allocate", 0, len(allocation),
-                        f"{HIGH_BITS} bits for {n_high} of {len(allocation)} matrices: "
+                        f"{high} bits for {n_high} of {len(allocation)} matrices: "
                         f"{average_bits(numel, allocation):.4f} bits per dense weight (target {config.target_bits})")
     layers = yield from place(model, candidates, allocation)
     seconds = {**candidates.seconds, "allocate": time.perf_counter() - t0}

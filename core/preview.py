@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.config import MIXED_BITS, QuantConfig
+from core.config import QuantConfig
 from core.outliers import OutlierStats, solve_range_multiplier
 from core.progress import ProgressEvent
 
@@ -203,10 +203,10 @@ def preview(stats: list[MatrixStats], config: QuantConfig, other_bytes: int, ori
 
 def _layer_bytes(shape: tuple[int, int], config: QuantConfig, nnz: int) -> float:
     """Stored bytes of one matrix; with ``target_bits`` the budget is taken as met exactly, as if a
-    share (target - 3) of every matrix were at 4 bits (the real split is per matrix)."""
+    share (target - low) of every matrix were at the upper width (the real split is per matrix)."""
     if config.target_bits is None:
         return packed_layer_bytes(shape[0], shape[1], config.bits, nnz)
-    low, high = MIXED_BITS
+    low, high = config.widths
     share = (config.target_bits - low) / (high - low)
     return ((1 - share) * packed_layer_bytes(shape[0], shape[1], low, nnz)
             + share * packed_layer_bytes(shape[0], shape[1], high, nnz))

@@ -231,7 +231,7 @@ def quantize_model(model: torch.nn.Module, config: QuantConfig,
 
     fisher: name -> float32 [out, in] (from ``load_or_compute_fisher``); None gives unweighted k-means.
     device: where the k-means runs (default: the weights' device). Yields at least once per matrix.
-    With ``config.target_bits`` each matrix gets 3 or 4 bits under that budget (core.mixed_precision).
+    With ``config.target_bits`` each matrix gets one of the two widths around it (config.mixed_widths) under that budget (core.mixed_precision).
     Sibling layers that read the same input are linked to run as one kernel call (core.shared_input).
     The embedding and head are quantized too when ``config.embed_bits`` / ``head_bits`` are below 16
     (core.embed_head): the head weighted by ``fisher[<head name>]`` when the Fisher includes it

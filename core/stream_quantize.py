@@ -24,7 +24,7 @@ from torch import nn
 
 from core.activation_store import ActivationStore
 from core.block_pass import BlockMajorPass, block_linears
-from core.config import MIXED_BITS, QuantConfig
+from core.config import QuantConfig
 from core.distributed import Ranks
 from core.folder_writer import write_folder
 from core.lazy_model import LazyModel
@@ -373,7 +373,7 @@ class StreamQuantizer:
         """
         config = self.config
         thresholds = self.staging.state["outliers"]["thresholds"]
-        widths = MIXED_BITS if config.target_bits is not None else (config.bits,)
+        widths = config.widths
         linears = block_linears(self.lazy, index)
         timings: dict[str, float] = {}
 

@@ -38,8 +38,8 @@ def estimate_seconds(parameters: int, quantizable: int, config: QuantConfig, cal
     if config.method == "squeezellm" and not fisher_cached:
         fisher = 6.0 * parameters * calibration.samples * calibration.seqlen / CPU_FLOPS / speed
     iterations = config.kmeans_max_iter / 50.0 if config.method == "squeezellm" else 0.05
-    # k-means time grows with the centroids; a mixed-precision run clusters every matrix at 3 and 4 bits.
-    widths = (3, 4) if config.target_bits is not None else (config.bits,)
+    # k-means time grows with the centroids; a mixed-precision run clusters every matrix at two widths.
+    widths = config.widths
     quantize = QUANTIZE_SECONDS_PER_MWEIGHT * quantizable / 1e6 * iterations * sum(widths) / 4.0 / speed
     seconds = {"load and save": LOAD_SAVE_SECONDS * parameters / 135e6, "sensitivity": fisher, "quantize": quantize}
     if config.refine and config.method == "squeezellm":

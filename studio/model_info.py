@@ -133,7 +133,7 @@ def _describe_original(original) -> ModelInfo:
 def estimated_folder_bytes(info: ModelInfo, config) -> int:
     """The whole folder an original would quantize to with ``config`` (a QuantConfig): projections at its
     width (the mixed target's average), the default sparse share, the embedding and head at their widths."""
-    low, high = 3, 4
+    low, high = config.widths[0], config.widths[-1]
     share = (config.target_bits - low) / (high - low) if config.target_bits is not None else None
     layers = 0.0
     for row in info.layers:

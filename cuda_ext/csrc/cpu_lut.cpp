@@ -46,7 +46,7 @@ struct Weights {
 Weights prepare(const at::Tensor& qweight, const at::Tensor& lut, int64_t bits, int64_t in_features,
                 const c10::optional<at::Tensor>& rows, const c10::optional<at::Tensor>& cols,
                 const c10::optional<at::Tensor>& vals) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8, "bits must be 2, 3, 4, 6 or 8, got ",
+  TORCH_CHECK(bits >= 2 && bits <= 8 && bits != 7, "bits must be 2, 3, 4, 5, 6 or 8, got ",
               bits);
   TORCH_CHECK(qweight.device().is_cpu() && lut.device().is_cpu(), "the CPU kernel needs CPU tensors");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2, "qweight must be int32 [ceil(in/32)*bits, out]");
@@ -174,6 +174,7 @@ inline void decode_to(const int32_t* col, int64_t stride, int bits, const float*
   __m256 v[4];
   if (bits == 8) decode_group<8>(col, stride, lut, v);
   else if (bits == 6) decode_group<6>(col, stride, lut, v);
+  else if (bits == 5) decode_group<5>(col, stride, lut, v);
   else if (bits == 4) decode_group<4>(col, stride, lut, v);
   else if (bits == 3) decode_group<3>(col, stride, lut, v);
   else decode_group<2>(col, stride, lut, v);

@@ -29,7 +29,7 @@ constexpr int kMaxRows = 8;    // mat-vec path handles up to this many rows per 
 // --- LUT rows as fp32 --------------------------------------------------------------------------
 
 // Floats per column of a prepared LUT: 16 up to 4 bits (the layout decode_group reads), 2**bits above
-// (6 and 8 bits: the token embedding and output head, core/embed_head.py).
+// (5 and 6 bits: the widest projections; 6 and 8 bits: the token embedding and output head).
 inline int lut_stride(int bits) { return bits <= 4 ? 16 : 1 << bits; }
 
 // Rows [t0, t1) of the lookup table as fp32, lut_stride(bits) floats per row (see decode_group).
@@ -100,7 +100,7 @@ inline __m256 lookup8(__m256 table, uint32_t word, __m256i shifts) {
 template <int BITS>
 inline void decode_group(const int32_t* col, int64_t stride, const float* lut, __m256 w[4]) {
   if constexpr (BITS > 4) {
-    // 6 and 8 bits: a table of 2**BITS floats does not fit a register; codes to lanes, then gathers.
+    // 5, 6 and 8 bits: a table of 2**BITS floats does not fit a register; codes to lanes, then gathers.
     alignas(32) int32_t idx[kGroup];
     if constexpr (BITS == 8) {
       for (int j = 0; j < 8; ++j) {
@@ -206,6 +206,7 @@ inline void tile_dots_any(const int32_t* q, int64_t out, int bits, int64_t group
   std::unique_ptr<__m256[]> acc(new __m256[(t1 - t0) * rows]);
   if (bits == 8) return tile_dots_rows<8>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   if (bits == 6) return tile_dots_rows<6>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
+  if (bits == 5) return tile_dots_rows<5>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   if (bits == 4) return tile_dots_rows<4>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   if (bits == 3) return tile_dots_rows<3>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);
   return tile_dots_rows<2>(q, out, groups, luts, x, ldx, rows, t0, t1, acc.get(), dots);

@@ -260,7 +260,8 @@ class QuantizePage(Page):
                        f"measure sensitivity on {calibration.samples} windows of {calibration.seqlen} tokens "
                        f"of '{Path(calibration.source).name or calibration.source}'")
         width = (f"{config.bits} bits" if config.target_bits is None else
-                 f"3 or 4 bits each ({config.target_bits} on average; k-means at both widths)")
+                 f"{config.widths[0]} or {config.widths[1]} bits each ({config.target_bits} on average; "
+                 "k-means at both widths)")
         steps = [f"{len(info.layers)} matrices of {info.name} to {width} ({config.method})"]
         if config.method == "squeezellm":
             steps += [sensitivity, f"keep {keep} and the {config.sensitivity_percent}% most sensitive exactly"]

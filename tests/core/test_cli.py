@@ -57,7 +57,7 @@ def test_quantize_info_inspect_on_a_tiny_model(capsys, tmp_path, tiny_folder, te
 
 @pytest.mark.parametrize("args,words", [
     (["quantize", "/no/such/model", "--output", "{tmp}/o"], "/no/such/model"),
-    (["quantize", "{model}", "--bits", "5", "--output", "{tmp}/o"], "invalid choice"),
+    (["quantize", "{model}", "--bits", "7", "--output", "{tmp}/o"], "invalid choice"),
     (["quantize", "{model}", "--sensitivity", "50", "--output", "{tmp}/o"], "percent"),
     (["quantize", "{model}", "--outlier-range", "1", "--outlier-percent", "1", "--output", "{tmp}/o"],
      "not allowed with"),

@@ -18,7 +18,7 @@ def test_round_trip_through_json_dict():
 
 
 @pytest.mark.parametrize("make,words", [
-    (lambda: QuantConfig(bits=5), "use 3 or 4"),
+    (lambda: QuantConfig(bits=7), "use 3, 4, 5 or 6"),
     (lambda: QuantConfig(method="gptq"), "use one of"),
     (lambda: QuantConfig(sensitivity_percent=50), "in percent"),
     (lambda: OutlierConfig(range_multiplier=1.5, percent=0.45), "not both"),

@@ -39,7 +39,7 @@ def random_layer(out: int, inp: int, bits: int, sparse: float = 0.0, seed: int =
 
 
 @pytest.mark.parametrize("kernel", ["auto", "torch"])
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("rows", [1, 3, 9, 40])  # mat-vec (up to 8 rows) and the tiled GEMM
 def test_head_kernel_matches_the_torch_reference(monkeypatch, kernel, bits, rows):
     monkeypatch.setenv("SQUEEZE_KERNELS", kernel)
@@ -53,7 +53,7 @@ def test_head_kernel_matches_the_torch_reference(monkeypatch, kernel, bits, rows
     assert torch.allclose(kernels.dequantize(qweight, lut, bits, 70, sr, sc, sv), dense)
 
 
-@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("bits", [5, 6, 8])
 def test_compiled_kernel_serves_wide_codes(bits):
     import cuda_ext
 
@@ -66,7 +66,7 @@ def test_compiled_kernel_serves_wide_codes(bits):
     assert torch.allclose(y, x @ dense.t(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_lookup_dequantizes_exactly_the_rows_asked_for(bits):
     (qweight, lut, sr, sc, sv), dense = random_layer(500, 45, bits, sparse=0.05, seed=bits)
     ids = torch.tensor([[3, 499, 3, 0], [17, 17, 250, 1]])
@@ -221,8 +221,8 @@ def test_narrow_rows_keep_float16_where_codes_would_be_larger(demo_tokenizer):
 
 
 def test_bad_widths_are_refused_with_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="embed bits = 5 is not supported: use 4, 6 or 8"):
-        QuantConfig(embed_bits=5)
+    with pytest.raises(ValueError, match="embed bits = 7 is not supported: use 4, 5, 6 or 8"):
+        QuantConfig(embed_bits=7)
     with pytest.raises(ValueError, match="head bits = 3"):
         QuantConfig(head_bits=3)
     with pytest.raises(ValueError, match="embedding weighting 'often'"):
@@ -231,7 +231,7 @@ def test_bad_widths_are_refused_with_the_fix(tmp_path):
                              "--embed-bits", "7"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "squeeze: error: --embed-bits 7 is not supported: use 4, 6 or 8 (lookup-table codes) or 16 (float16)"]
+        "squeeze: error: --embed-bits 7 is not supported: use 4, 5, 6 or 8 (lookup-table codes) or 16 (float16)"]
 
 
 def tiny_gemma3(vocab=256):

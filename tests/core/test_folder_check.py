@@ -78,8 +78,8 @@ def test_bits_changed_in_config_json_is_one_line_naming_the_tensor_and_shapes(fo
     assert code == 2 and f"{LAYER}.qweight" in one_line_error(err)
 
 
-def test_info_reports_a_layer_claiming_five_bits_as_broken(folder, capsys):
-    _edit_layout(folder, bits=5)
+def test_info_reports_a_layer_claiming_seven_bits_as_broken(folder, capsys):
+    _edit_layout(folder, bits=7)
     code, out, err = run_cli(capsys, "info", folder)
     assert code == 2 and out == ""
     line = one_line_error(err)

@@ -1,4 +1,4 @@
-"""Per-layer mixed precision (SPEC H.9): 3 or 4 bits per matrix under an average-bits budget."""
+"""Per-layer mixed precision (SPEC H.9): one of two widths per matrix under an average-bits budget."""
 
 import json
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from core.config import OutlierConfig, QuantConfig, from_dict, to_dict
+from core.config import OutlierConfig, QuantConfig, from_dict, mixed_widths, to_dict
 from core.layers import SqueezeLinear
 from core.mixed_precision import allocate_bits, average_bits
 from core.models import quantizable_linears
@@ -64,16 +64,30 @@ def test_budget_is_never_exceeded_and_nothing_more_fits(seed):
     assert average_bits(numel, chosen) <= target
 
 
-def test_target_outside_3_to_4_is_refused():
-    with pytest.raises(ValueError, match="3.5"):
-        allocate_bits({"a": 1}, {"a": {3: 1.0, 4: 0.0}}, 2.5)
+def test_target_outside_3_to_6_is_refused():
+    for target in (2.5, 6.5):
+        with pytest.raises(ValueError, match="3.5"):
+            allocate_bits({"a": 1}, {"a": {3: 1.0, 4: 0.0}}, target)
+
+
+@pytest.mark.parametrize("target,widths", [(3.0, (3, 4)), (3.5, (3, 4)), (4.0, (3, 4)), (4.01, (4, 5)),
+                                           (4.6, (4, 5)), (5.0, (4, 5)), (5.5, (5, 6)), (6.0, (5, 6))])
+def test_a_target_chooses_between_the_two_whole_widths_around_it(target, widths):
+    assert mixed_widths(target) == widths == QuantConfig(target_bits=target).widths
+
+
+def test_wider_budgets_go_to_the_largest_gain_between_their_own_widths():
+    numel = {"a": 100, "b": 100, "c": 100}
+    errors = {"a": {4: 8.0, 5: 2.0}, "b": {4: 9.0, 5: 1.0}, "c": {4: 1.0, 5: 0.9}}
+    chosen = allocate_bits(numel, errors, 4 + 200.5 / 300)
+    assert chosen == {"a": 5, "b": 5, "c": 4} and average_bits(numel, chosen) <= 4 + 200.5 / 300
 
 
 # ---- the config -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,words", [
     (dict(target_bits=2.5), "such as 3.5"),
-    (dict(target_bits=4.5), "such as 3.5"),
+    (dict(target_bits=6.5), "such as 3.5"),
     (dict(target_bits=float("nan")), "such as 3.5"),
     (dict(target_bits=3.5, method="rtn"), "needs method squeezellm"),
     (dict(target_bits="3.5"), "not a number"),
@@ -163,6 +177,29 @@ def test_mixed_folder_saves_and_loads_bit_exact(runs, tmp_path, demo_tokenizer):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_a_target_above_4_mixes_4_and_5_bits_and_round_trips(runs, tmp_path, demo_tokenizer):
+    from core.checkpoint import load_quantized, save_quantized
+
+    model, report, events = quantized(QuantConfig(target_bits=4.5, **SETTING))
+    assert set(report.matrices_per_bits) == {4, 5} and report.dense_bits <= 4.5
+    assert "k-means at 4 and 5 bits" in next(e.message for e in events if e.stage == "quantize")
+    error = sum(layer.weighted_error for layer in report.layers)
+    assert error < sum(layer.weighted_error for layer in runs[4][1].layers)
+    loaded = load_quantized(run_to_end(save_quantized(model, demo_tokenizer, tmp_path / "m45",
+                                                      {"config": report.config}))).model
+    for name, bits in report.layer_bits.items():
+        assert loaded.get_submodule(name).bits == bits
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_each_extra_bit_lowers_every_matrix_error():
+    errors = {bits: quantized(QuantConfig(bits=bits, **SETTING))[1].layers for bits in (4, 5, 6)}
+    for four, five, six in zip(errors[4], errors[5], errors[6]):
+        assert six.weighted_error < five.weighted_error < four.weighted_error, four.name
+
+
 def test_single_width_folders_carry_no_overrides(runs, tmp_path, demo_tokenizer):
     from core.checkpoint import read_quantization_config, save_quantized
 
@@ -196,7 +233,7 @@ def test_cli_quantizes_to_a_target_and_info_shows_the_split(capsys, tmp_path, ti
 
 @pytest.mark.parametrize("args,words", [
     (["--bits", "3", "--target-bits", "3.5"], "not allowed with"),
-    (["--target-bits", "4.5"], "such as 3.5"),
+    (["--target-bits", "6.5"], "such as 3.5"),
     (["--target-bits", "3.5", "--method", "rtn"], "squeezellm"),
 ])
 def test_cli_bad_targets_are_one_line_and_exit_2(capsys, tmp_path, tiny_folder, args, words):  # noqa: F811

@@ -56,7 +56,7 @@ def assert_close_to_reference(y, x, layer):
     assert (y.float() - expected).abs().max() <= tolerance * scale
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dequantize_is_bit_exact(cpu, bits, shape):
     layer = random_layer(*shape, bits, lut_dtype=torch.float32)
@@ -65,7 +65,7 @@ def test_dequantize_is_bit_exact(cpu, bits, shape):
     assert torch.equal(cpu.dequantize(*args), kernels.dequantize(*args))
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [3, 4, 5, 6])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rows", [1, 3, 8, 64])
 def test_matmul_matches_reference(cpu, bits, shape, rows):

@@ -19,7 +19,7 @@ def test_embedding_and_head_widths_change_the_estimated_folder(qtbot, window, ti
     assert open_model(qtbot, window, tiny_model_dir) == "done"
     wait_idle(qtbot, window)
     embed, head = page.embed_form.editors["embed_bits"], page.embed_form.editors["head_bits"]
-    assert embed.toolTip() and [embed.itemData(i) for i in range(embed.count())] == [4, 6, 8, 16]
+    assert embed.toolTip() and [embed.itemData(i) for i in range(embed.count())] == [4, 5, 6, 8, 16]
     embed.setCurrentIndex(embed.findData(16))
     head.setCurrentIndex(head.findData(16))
     config = window.session.quant_config
