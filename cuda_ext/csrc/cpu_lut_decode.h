@@ -97,21 +97,55 @@ inline __m256 lookup8(__m256 table, uint32_t word, __m256i shifts) {
   return _mm256_permutevar8x32_ps(table, idx);
 }
 
+// lut[idx] for 8 codes of 5 or 6 bits: vpermps in each 8-entry slice of the table, then the slices
+// chosen by the code's bits 3, 4 (and 5) through blends (measured faster than a gather).
+template <int BITS>
+inline __m256 lookup_wide(const float* lut, __m256i idx) {
+  constexpr int kSlices = (1 << BITS) / 8;
+  __m256 v[kSlices];
+  for (int t = 0; t < kSlices; ++t) v[t] = _mm256_permutevar8x32_ps(_mm256_load_ps(lut + 8 * t), idx);
+  for (int bit = 3, n = kSlices; n > 1; ++bit, n /= 2) {
+    const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - bit));  // this bit -> sign bit
+    for (int t = 0; t < n / 2; ++t) v[t] = _mm256_blendv_ps(v[2 * t], v[2 * t + 1], upper);
+  }
+  return v[0];
+}
+
 template <int BITS>
 inline void decode_group(const int32_t* col, int64_t stride, const float* lut, __m256 w[4]) {
   if constexpr (BITS > 4) {
     // 5, 6 and 8 bits: a table of 2**BITS floats does not fit a register; codes to lanes, then gathers.
-    alignas(32) int32_t idx[kGroup];
     if constexpr (BITS == 8) {
+      alignas(32) int32_t idx[kGroup];
       for (int j = 0; j < 8; ++j) {
         const uint32_t word = static_cast<uint32_t>(col[j * stride]);
         for (int t = 0; t < 4; ++t) idx[4 * j + t] = static_cast<int32_t>((word >> (8 * t)) & 255u);
       }
+      for (int i = 0; i < 4; ++i)
+        w[i] = _mm256_i32gather_ps(lut, _mm256_load_si256(reinterpret_cast<const __m256i*>(idx + 8 * i)), 4);
     } else {
-      for (int k = 0; k < kGroup; ++k) idx[k] = static_cast<int32_t>(group_code(col, stride, BITS, k));
+      // 8 codes of 5 or 6 bits are 5 or 6 whole bytes of the group's bit stream: the BITS words are
+      // copied into one little-endian buffer, and each 8 codes come from one 64-bit load shifted
+      // per 64-bit lane (codes 0-3 and 4-7), their low halves gathered into 8 lanes in code order.
+      static_assert(BITS == 5 || BITS == 6, "5, 6 or 8 bits");
+      uint32_t stream[BITS + 2] = {};  // + 2: the last 64-bit load reads past the BITS words
+      for (int j = 0; j < BITS; ++j) stream[j] = static_cast<uint32_t>(col[j * stride]);
+      const auto* bytes = reinterpret_cast<const unsigned char*>(stream);
+      const __m256i first = _mm256_setr_epi64x(0, BITS, 2 * BITS, 3 * BITS);
+      const __m256i second = _mm256_setr_epi64x(4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+      const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // [c0 c1 c4 c5 | c2 c3 c6 c7] -> c0..c7
+      const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+      for (int i = 0; i < 4; ++i) {
+        uint64_t run;
+        std::memcpy(&run, bytes + BITS * i, sizeof(run));
+        const __m256i all = _mm256_set1_epi64x(static_cast<long long>(run));
+        const __m256 a = _mm256_castsi256_ps(_mm256_srlv_epi64(all, first));
+        const __m256 b = _mm256_castsi256_ps(_mm256_srlv_epi64(all, second));
+        const __m256i lows = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));  // low 32 bits of each lane
+        const __m256i idx = _mm256_and_si256(_mm256_permutevar8x32_epi32(lows, order), mask);
+        w[i] = lookup_wide<BITS>(lut, idx);
+      }
     }
-    for (int i = 0; i < 4; ++i)
-      w[i] = _mm256_i32gather_ps(lut, _mm256_load_si256(reinterpret_cast<const __m256i*>(idx + 8 * i)), 4);
   } else if constexpr (BITS == 3) {
     // The 96-bit stream holds code k at bit 3k: four 24-bit chunks of eight codes each.
     const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
