@@ -70,6 +70,8 @@ OURS = {  # label -> QuantConfig fields
     "SqueezeLLM 5-bit dense-only, embedding 5-bit": {"bits": 5, **DENSE_ONLY, **FIVE},
     "SqueezeLLM 5-bit dense-only, refined, embedding 5-bit": {"bits": 5, **DENSE_ONLY, "refine": True, **FIVE},
     "SqueezeLLM 4.75-bit mixed (4 or 5), dense-only, embedding 6-bit": {"target_bits": 4.75, **DENSE_ONLY, **SIX},
+    "SqueezeLLM 4.8-bit mixed (4 or 5), dense-only, refined, embedding 6-bit": {
+        "target_bits": 4.8, **DENSE_ONLY, "refine": True, **SIX},
 }
 SEQLEN = 512
 WINDOWS = 40
@@ -453,7 +455,10 @@ def _tools_version() -> str:
 
 
 def plot(result: dict, path: Path = PLOT) -> None:
-    """Perplexity against file size (MB), theirs and ours, fp32 as a line; a PNG via pyqtgraph."""
+    """Perplexity against file size (MB), theirs and ours, fp32 as a line; a PNG via pyqtgraph.
+
+    llama.cpp's points carry their kind below them; ours a number above, named in a key beside the plot
+    (the names are too long to sit beside points a few MB apart)."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import pyqtgraph as pg
     import pyqtgraph.exporters
@@ -461,9 +466,13 @@ def plot(result: dict, path: Path = PLOT) -> None:
 
     app = QApplication.instance() or QApplication([])  # the exporter draws with Qt
     pg.setConfigOptions(antialias=True, background="w", foreground="k")
-    widget = pg.PlotWidget()
-    widget.resize(900, 560)
-    item = widget.getPlotItem()
+    window = pg.GraphicsLayoutWidget()
+    window.resize(1300, 620)
+    item = window.addPlot(row=0, col=0)
+    key = pg.LabelItem(justify="left")
+    window.addItem(key, row=0, col=1)
+    window.ci.layout.setColumnStretchFactor(0, 5)
+    window.ci.layout.setColumnStretchFactor(1, 2)
     item.setLabel("bottom", "file size (MB): GGUF for llama.cpp, folder on disk for ours")
     item.setLabel("left", "perplexity (llama-perplexity, 40 x 512 tokens)")
     item.setTitle("SmolLM2-135M: quality per byte")
@@ -472,6 +481,7 @@ def plot(result: dict, path: Path = PLOT) -> None:
     colors = {"llama.cpp": (200, 80, 40), "ours": (30, 110, 200)}
     labels = {"llama.cpp": "llama.cpp K-quants + imatrix", "ours": "SqueezeLLM (ours)"}
     quantized = [r for r in result["rows"] if r["family"] != "fp32"]
+    names = []
     for family, color in colors.items():
         rows = sorted((r for r in quantized if r["family"] == family), key=lambda r: r["bytes"])
         if not rows:
@@ -480,10 +490,17 @@ def plot(result: dict, path: Path = PLOT) -> None:
                   symbol="o" if family == "ours" else "s", symbolSize=11, symbolBrush=color, symbolPen=color,
                   name=labels[family])
         for r in rows:
-            short = r["name"].replace("llama.cpp ", "").replace(" + imatrix", "").replace("SqueezeLLM ", "")
-            text = pg.TextItem(short, color=color, anchor=(0.5, 1.2))  # centred above the point
+            if family == "ours":
+                names.append(f"{len(names) + 1}. {r['name'].replace('SqueezeLLM ', '')}: "
+                             f"{mb(r['bytes'])} MB, {r['llama_perplexity']:.2f}")
+                text = pg.TextItem(str(len(names)), color=color, anchor=(0.5, 1.3))  # above the point
+            else:
+                text = pg.TextItem(r["name"].replace("llama.cpp ", "").replace(" + imatrix", ""), color=color,
+                                   anchor=(0.5, -0.3))  # below
             text.setPos(r["bytes"] / 1e6, r["llama_perplexity"])
             item.addItem(text)
+    key.setText("<b>ours</b> (file size, llama-perplexity)<br>" + "<br>".join(names), size="9pt",
+                color=colors["ours"])
     fp32 = next((r for r in result["rows"] if r["family"] == "fp32"), None)
     if fp32:
         line = pg.InfiniteLine(pos=fp32["llama_perplexity"], angle=0,
@@ -491,15 +508,15 @@ def plot(result: dict, path: Path = PLOT) -> None:
                                label=f"fp32 ({mb(fp32['bytes'])} MB): {fp32['llama_perplexity']:.2f}",
                                labelOpts={"position": 0.85, "color": (90, 90, 90)})
         item.addItem(line)
-    item.getViewBox().setDefaultPadding(0.12)  # room for the labels beside the points
+    item.getViewBox().setDefaultPadding(0.08)
     item.enableAutoRange()
-    widget.show()  # lays out the axes and titles before the export
+    window.show()  # lays out the axes and titles before the export
     app.processEvents()
     path.parent.mkdir(parents=True, exist_ok=True)
-    exporter = pg.exporters.ImageExporter(item)
-    exporter.parameters()["width"] = 1200
+    exporter = pg.exporters.ImageExporter(window.scene())
+    exporter.parameters()["width"] = 1300
     exporter.export(str(path))
-    widget.close()
+    window.close()
 
 
 def main(argv: list[str] | None = None) -> int:
