@@ -172,6 +172,25 @@ def test_save_load_and_from_pretrained_round_trips(tmp_path, demo_tokenizer, tie
     assert weights["model.embed_tokens.weight"].shape == (vocab, HIDDEN)
 
 
+def test_five_bit_projections_and_table_round_trip(tmp_path, demo_tokenizer):
+    """The widths that beat Q4_K_M in bench.llamacpp: 5-bit dense-only projections, a 5-bit tied table."""
+    import core.interop  # noqa: F401  (registers the squeezellm method)
+    from transformers import AutoModelForCausalLM
+
+    config = QuantConfig(bits=5, embed_bits=5, head_bits=5, outliers=OutlierConfig(percent=None),
+                         sensitivity_percent=0.0)
+    model, folder = save_tiny(tmp_path, demo_tokenizer, True, config)
+    block = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert block["embed_head"]["embedding"]["bits"] == 5
+    assert stored_names(folder)["model.embed_tokens.qweight"] == ((HIDDEN // 32) * 5, len(demo_tokenizer))
+    assert {m.bits for m in model.modules() if isinstance(m, SqueezeLinear)} == {5}
+    ids = torch.randint(0, len(demo_tokenizer), (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(load_quantized(folder).model(ids).logits, expected)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, expected)
+
+
 def test_a_tied_model_stores_one_copy_and_sizes_match_the_bytes_on_disk(tmp_path, demo_tokenizer, capsys):
     from core.cli import main
     from core.evaluate import model_size_report
