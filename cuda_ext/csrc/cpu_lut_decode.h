@@ -114,7 +114,7 @@ inline __m256 lookup_wide(const float* lut, __m256i idx) {
 template <int BITS>
 inline void decode_group(const int32_t* col, int64_t stride, const float* lut, __m256 w[4]) {
   if constexpr (BITS > 4) {
-    // 5, 6 and 8 bits: a table of 2**BITS floats does not fit a register; codes to lanes, then gathers.
+    // 5, 6 and 8 bits: a table of 2**BITS floats does not fit a register (8 bits: codes to lanes, then gathers).
     if constexpr (BITS == 8) {
       alignas(32) int32_t idx[kGroup];
       for (int j = 0; j < 8; ++j) {
@@ -124,25 +124,20 @@ inline void decode_group(const int32_t* col, int64_t stride, const float* lut, _
       for (int i = 0; i < 4; ++i)
         w[i] = _mm256_i32gather_ps(lut, _mm256_load_si256(reinterpret_cast<const __m256i*>(idx + 8 * i)), 4);
     } else {
-      // 8 codes of 5 or 6 bits are 5 or 6 whole bytes of the group's bit stream: the BITS words are
-      // copied into one little-endian buffer, and each 8 codes come from one 64-bit load shifted
-      // per 64-bit lane (codes 0-3 and 4-7), their low halves gathered into 8 lanes in code order.
+      // 8 codes of 5 or 6 bits are 40 or 48 bits of the group's stream, always inside one 64-bit run of
+      // two adjacent words (offsets 0/40/80/120 or 0/48/96/144 bits: at most 24 or 16 into the first):
+      // its low half holds codes 0-3 and the run shifted by 4*BITS codes 4-7, one srlv spreads them.
       static_assert(BITS == 5 || BITS == 6, "5, 6 or 8 bits");
-      uint32_t stream[BITS + 2] = {};  // + 2: the last 64-bit load reads past the BITS words
-      for (int j = 0; j < BITS; ++j) stream[j] = static_cast<uint32_t>(col[j * stride]);
-      const auto* bytes = reinterpret_cast<const unsigned char*>(stream);
-      const __m256i first = _mm256_setr_epi64x(0, BITS, 2 * BITS, 3 * BITS);
-      const __m256i second = _mm256_setr_epi64x(4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-      const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // [c0 c1 c4 c5 | c2 c3 c6 c7] -> c0..c7
+      uint32_t word[BITS];
+      for (int j = 0; j < BITS; ++j) word[j] = static_cast<uint32_t>(col[j * stride]);
+      const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
       const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
       for (int i = 0; i < 4; ++i) {
-        uint64_t run;
-        std::memcpy(&run, bytes + BITS * i, sizeof(run));
-        const __m256i all = _mm256_set1_epi64x(static_cast<long long>(run));
-        const __m256 a = _mm256_castsi256_ps(_mm256_srlv_epi64(all, first));
-        const __m256 b = _mm256_castsi256_ps(_mm256_srlv_epi64(all, second));
-        const __m256i lows = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));  // low 32 bits of each lane
-        const __m256i idx = _mm256_and_si256(_mm256_permutevar8x32_epi32(lows, order), mask);
+        const int bit = 8 * BITS * i, k = bit >> 5;
+        const uint64_t run = (static_cast<uint64_t>(word[k]) | static_cast<uint64_t>(word[k + 1]) << 32) >> (bit & 31);
+        const __m256i halves = _mm256_set_m128i(_mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(run >> (4 * BITS)))),
+                                                _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(run))));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(halves, shifts), mask);
         w[i] = lookup_wide<BITS>(lut, idx);
       }
     }
