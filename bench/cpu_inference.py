@@ -1,8 +1,8 @@
-"""Decode and prefill speed and peak memory of the demo model on the CPU: fp32, bf16, 4-bit and 3-bit.
+"""Decode and prefill speed and peak memory of the demo model on the CPU: fp32, bf16, 5-, 4- and 3-bit.
 
 python -m bench.cpu_inference [--new-tokens 64] [--prefill 512] [--rounds 3] [--skip-reference]
 
-Quantizes the demo model (3/4-bit, dense-only and dense-and-sparse) once with a random positive
+Quantizes the demo model (3/4-bit, dense-only and dense-and-sparse; 5-bit dense-only) once with a random positive
 Fisher (speed does not depend on it) into a cached folder, then measures every variant in its own
 subprocess, so each peak resident memory (VmHWM) is that model's alone: the quantized ones
 are loaded with core.checkpoint.load_quantized, which never materialises dense weights.
@@ -30,6 +30,7 @@ from bench.report import machine_line, update_section
 
 DENSE = {"fp32 original": torch.float32, "bf16": torch.bfloat16}
 QUANTIZED = {  # label -> (bits, dense-only?)
+    "5-bit dense-only": (5, True),  # the width that meets Q4_K_M's quality (bench.llamacpp)
     "4-bit dense-only": (4, True),
     "4-bit dense-and-sparse (0.45% + 0.05%)": (4, False),
     "3-bit dense-only": (3, True),
@@ -66,21 +67,14 @@ def quantize_with_random_fisher(model: str, bits: int, dense_only: bool, folder:
 
 
 def quantized_folders(workdir: Path) -> dict[str, Path]:
-    """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused.
-
-    Folders saved before quantized folders stored their embeddings in float16 are re-saved."""
-    from core.checkpoint import EMBEDDINGS_DTYPE, load_quantized, read_quantization_config, save_quantized
-    from core.progress import run_to_end
-
+    """label -> quantized demo folder, made once (random positive Fisher, seeded) and reused; the name
+    carries the embedding/head width, so a folder made under another default is not reused."""
     folders = {}
     for label, (bits, dense_only) in QUANTIZED.items():
-        folder = workdir / f"demo-{bits}bit-{'dense' if dense_only else 'sparse'}"
+        table = quant_config(bits, dense_only).embed_bits
+        folder = workdir / f"demo-{bits}bit-{'dense' if dense_only else 'sparse'}-table{table}"
         if not folder.exists():
             quantize_with_random_fisher("demo", bits, dense_only, folder, label)
-        elif EMBEDDINGS_DTYPE not in read_quantization_config(folder):
-            print(f"re-saving {folder} with float16 embeddings", flush=True)
-            loaded = load_quantized(folder)
-            run_to_end(save_quantized(loaded.model, loaded.tokenizer, folder, {"bench": label}, overwrite=True))
         folders[label] = folder
     return folders
 
@@ -193,7 +187,7 @@ def crossover(rows_list=(1, 2, 4, 8, 12, 16, 32)) -> list[tuple]:
     from core.packing import pack_codes
 
     results = []
-    for bits in (4, 3):
+    for bits in (5, 4, 3):
         for in_f, out_f in ((576, 1536), (1536, 576)):
             q = pack_codes(torch.randint(0, 1 << bits, (out_f, in_f), dtype=torch.uint8), bits)
             lut = torch.randn(out_f, 1 << bits).half()
@@ -262,8 +256,8 @@ def markdown(results: dict[str, dict], runtime: tuple[int, int, int], cross: lis
         f"the Python + torch + transformers imports {format_mib(runtime_rss)}, and {format_mib(skeleton)} with the model's transformers code imported, "
         "its modules built without weights and its tokenizer loaded (what every variant pays besides its tensors "
         "and activations); the last column subtracts that. Quantized models are loaded from their saved folders "
-        "(core.checkpoint.load_quantized, tensors memory-mapped); their token embedding and tied lm_head are "
-        "stored in float16 and computed in float32 (core.half_head).", "",
+        "(core.checkpoint.load_quantized, tensors memory-mapped); their tied token embedding and lm_head are "
+        f"one table of {quant_config(4, True).embed_bits}-bit lookup-table codes (the default, core.embed_head).", "",
         *memory_floor_lines(results, torch_rss, skeleton), "",
         "| model | decode tok/s | x fp32 | prefill tok/s | x fp32 | peak RSS | % of fp32 | above code + tokenizer |",
         "|---|---:|---:|---:|---:|---:|---:|---:|"]
