@@ -20,7 +20,6 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6)  # 2 only through the API (too lossy to offer);
 BIT_CHOICES = (3, 4, 5, 6)  # what the studio and the command line offer
 MIXED_RANGE = (3.0, 6.0)  # a target_bits budget: each matrix gets one of the two whole widths around it
 EMBED_WIDTHS = (4, 5, 6, 8, 16)  # token embedding / output head: LUT codes of 4, 5, 6 or 8 bits, or 16 = float16
-EMBED_WIDTHS_TEXT = "use 4, 5, 6 or 8 (lookup-table codes) or 16 (float16)"
 MAX_REFINE_GROUPS = 64  # refinement's channel groups: each one a float32 in x in Hessian per matrix
 EMBED_WEIGHTINGS = ("frequency", "none")  # k-means weights of an untied embedding's rows (core.embed_head)
 
@@ -30,6 +29,15 @@ def mixed_widths(target_bits: float) -> tuple[int, int]:
     4.3 -> (4, 5), 6.0 -> (5, 6). A whole target is the upper width (every matrix there)."""
     low = max(int(MIXED_RANGE[0]), math.ceil(target_bits) - 1)
     return low, low + 1
+
+
+def _one_of(values) -> str:
+    """(3, 4, 5) -> "3, 4 or 5": the choices in an error message, from the same tuple the check uses."""
+    *rest, last = map(str, values)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+EMBED_WIDTHS_TEXT = f"use {_one_of(EMBED_WIDTHS[:-1])} (lookup-table codes) or 16 (float16)"
 
 
 def _hint(label: str, tooltip: str, **kw: Any) -> dict[str, Any]:
@@ -130,7 +138,7 @@ class QuantConfig:
             raise ValueError(f"refine groups = {self.refine_groups!r} is not supported: use a whole number from 1 "
                              f"to {MAX_REFINE_GROUPS} (1: one Hessian per matrix)")
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits = {self.bits} is not supported: use 3, 4, 5 or 6")
+            raise ValueError(f"bits = {self.bits} is not supported: use {_one_of(BIT_CHOICES)}")
         for name, value in (("embed bits", self.embed_bits), ("head bits", self.head_bits)):
             if isinstance(value, bool) or value not in EMBED_WIDTHS:
                 raise ValueError(f"{name} = {value!r} is not supported: {EMBED_WIDTHS_TEXT}")

@@ -6,7 +6,7 @@ stream bits ``bits*k .. bits*k + bits - 1`` (SPEC A.6). For 2, 4 and 8 bits no c
 word (4-bit: word w of a column = sum_t C[8w+t] << 4t; 8-bit: one byte per code); for 3 bits codes
 10 and 21 of each group are split across two words, exactly as GPTQ / SqueezeLLM pack them, and
 for 5 and 6 bits codes straddle words likewise (5 and 6 bits: the widest projections; the token
-embedding and output head take 6 and 8 bits, ``core.embed_head``). Words are stored as int32
+embedding and output head take 4, 5, 6 or 8 bits, ``core.embed_head``). Words are stored as int32
 holding the uint32 bit pattern, so a word with its top bit set reads as negative.
 
 An input dimension that is not a multiple of 32 is padded with code 0 (SPEC H.4); callers keep
@@ -64,7 +64,7 @@ class StreamCodec:
 
 # Adding a width is one entry here (any width from 1 to 8 works with the stream layout) and one in the
 # CPU kernel's width checks (cuda_ext/csrc/cpu_lut.cpp, cpu_lut_decode.h). 2-6 bits: the projections;
-# 4, 6 and 8 bits: the token embedding and the output head (core.embed_head).
+# 4, 5, 6 and 8 bits: the token embedding and the output head (core.embed_head).
 CODECS: dict[int, StreamCodec] = {bits: StreamCodec(bits) for bits in (2, 3, 4, 5, 6, 8)}
 
 

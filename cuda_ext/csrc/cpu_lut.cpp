@@ -81,8 +81,8 @@ at::Tensor padded_input(const at::Tensor& x2d, int64_t in_features) {
 
 // --- mat-vec path (few rows) --------------------------------------------------------------------
 
-// Columns per chunk of work: at most 128 (64 above 2 rows; 32 for the 64- and 256-entry tables of 6
-// and 8 bits), so their partial sums (8 floats per row and column) and LUTs stay in L1, and as many
+// Columns per chunk of work: at most 128 (64 above 2 rows; 32 for the 32- to 256-entry tables of 5 to 8
+// bits), so their partial sums (8 floats per row and column) and LUTs stay in L1, and as many
 // chunks as a multiple of the thread count, so no thread waits for another's extra chunk (192 columns
 // on 2 threads: 2 x 96, not 128 + 64), in multiples of 8 (the 4-bit byte path's unit).
 inline int64_t tile_width(int64_t rows, int64_t out, int bits) {

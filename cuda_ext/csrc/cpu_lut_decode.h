@@ -29,7 +29,7 @@ constexpr int kMaxRows = 8;    // mat-vec path handles up to this many rows per 
 // --- LUT rows as fp32 --------------------------------------------------------------------------
 
 // Floats per column of a prepared LUT: 16 up to 4 bits (the layout decode_group reads), 2**bits above
-// (5 and 6 bits: the widest projections; 6 and 8 bits: the token embedding and output head).
+// (5 and 6 bits: the widest projections; 4 to 8 bits: the token embedding and output head).
 inline int lut_stride(int bits) { return bits <= 4 ? 16 : 1 << bits; }
 
 // Rows [t0, t1) of the lookup table as fp32, lut_stride(bits) floats per row (see decode_group).
