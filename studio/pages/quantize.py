@@ -71,6 +71,7 @@ class QuantizePage(Page):
         self.calibration_form = ConfigForm(
             session.calibration, ["source", "samples", "seqlen"],
             custom={"source": lambda meta: CorpusPicker(meta.get("tooltip", ""))})
+        self._suggested_output = ""  # the folder last proposed (see _suggest_output)
         self.output_picker = PathPicker("output", "Where to save the quantized model", "folder",
                                         default_name=self._default_name)
         self.output_picker.setToolTip("A new or empty folder; it appears only when the run has finished")
@@ -226,13 +227,26 @@ class QuantizePage(Page):
             widget.setEnabled(config.refine)  # channel groups mean nothing without refinement
         if self.calibration_form.value() != self.session.calibration:
             self.calibration_form.set_value(self.session.calibration)
+        self._follow_bits_in_output()
         self._show_summary()
+
+    def _suggest_output(self, base: Path) -> None:
+        """A fresh folder under ``base`` named after the model and the bits; remembered, so that a change of
+        bits renames it while the user has not chosen a folder of their own."""
+        self._suggested_output = str(default_output(self.session.model.name, average_bits(self.session.quant_config),
+                                                    base))
+        self.output_picker.set_value(self._suggested_output)
+
+    def _follow_bits_in_output(self) -> None:
+        model = self.session.model
+        output = self.output_picker.value()
+        if model is not None and not model.quantized and output and output == self._suggested_output:
+            self._suggest_output(Path(output).parent)
 
     def _on_model_changed(self) -> None:
         model = self.session.model
         if model is not None and not model.quantized:
-            base = DEFAULT_OUTPUT_BASE
-            self.output_picker.set_value(str(default_output(model.name, average_bits(self.session.quant_config), base)))
+            self._suggest_output(DEFAULT_OUTPUT_BASE)
         rows = self.session.info.layers if self.session.info is not None else []
         self.layers_table.setRowCount(len(rows))
         for r, row in enumerate(rows):
@@ -374,7 +388,7 @@ class QuantizePage(Page):
                    "bytes": size, "seconds": dict(report.seconds), "range_multiplier": report.range_multiplier}
         self.session.add_result(QuantResult(path.name, path, outcome.loaded, summary))
         if self.session.model is not None:  # the next run gets a fresh folder name
-            self.output_picker.set_value(str(default_output(self.session.model.name, average_bits(job.config), path.parent)))
+            self._suggest_output(path.parent)
         by_name = {layer.name: layer for layer in report.layers}
         for r in range(self.layers_table.rowCount()):
             layer = by_name.get(self.layers_table.item(r, 0).text())

@@ -29,6 +29,22 @@ def test_target_bits_field_sets_the_budget_and_follows_the_method(qtbot, window,
     assert page.mixed_form.isEnabled() and page.controls.bits_combo.isEnabled()
 
 
+def test_the_proposed_folder_follows_the_bits_until_the_user_picks_one(qtbot, window, tiny_model_dir, tmp_path):
+    page = window.pages["quantize"]
+    assert open_model(qtbot, window, tiny_model_dir) == "done"
+    wait_idle(qtbot, window)
+    picker, combo = page.output_picker, page.controls.bits_combo
+    assert picker.value().endswith("-sq4")
+    combo.setCurrentIndex(combo.findData(5))
+    assert picker.value().endswith("-sq5")
+    page.mixed_form.editors["target_bits"].setValue(4.8)
+    assert picker.value().endswith("-sq4.8")
+    chosen = str(tmp_path / "mine")
+    picker.set_value(chosen)  # the user's own folder is never renamed
+    page.mixed_form.editors["target_bits"].setValue(3.5)
+    assert picker.value() == chosen
+
+
 def test_mixed_runs_are_named_after_the_target_and_estimated_at_both_widths(tmp_path):
     from core.config import CalibrationConfig, QuantConfig
     from studio.estimates import estimate_seconds
